@@ -1,0 +1,17 @@
+"""cmlora: training-free multi-LoRA composition (LoRA Switch, LoRA Composite, CMLoRA) on diffusers."""
+
+from .api import ComposeResult, Composer, compose
+from .errors import CmloraError, LoRAFileError, OptionError
+from .loras import CATEGORIES, LoRA
+
+__all__ = [
+    "CATEGORIES",
+    "CmloraError",
+    "ComposeResult",
+    "Composer",
+    "LoRA",
+    "LoRAFileError",
+    "OptionError",
+    "compose",
+]
+__version__ = "0.1.0"

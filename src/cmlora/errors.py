@@ -1,0 +1,21 @@
+"""The project's own exceptions: each says what was wrong, with the offending value, and what to do."""
+
+from __future__ import annotations
+
+
+class CmloraError(Exception):
+    """Base class, so callers (CLI, web app, sweeps) can tell our clear errors from crashes."""
+
+
+class LoRAFileError(CmloraError, ValueError):
+    """A LoRA file cannot be used; names the file (and the key when one is at fault)."""
+
+    def __init__(self, path: object, message: str, key: str | None = None):
+        self.path = str(path)
+        self.key = key
+        where = f"{self.path}" + (f" (key {key!r})" if key else "")
+        super().__init__(f"LoRA file {where}: {message}")
+
+
+class OptionError(CmloraError, ValueError):
+    """A method option or a generation setting is out of range."""

@@ -1,0 +1,103 @@
+"""Every image comes with its record: a PNG text chunk and a JSON sidecar, written atomically.
+
+Reports and sweeps read records, never file names, so a record holds everything needed to
+regenerate the image: model, LoRAs (file, sha256, weight, category), method and every option,
+prompt, seed, size, steps, guidance, scheduler, dtype, device, versions, and the cost counters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+RECORD_CHUNK = "cmlora"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("cmlora", "torch", "diffusers", "transformers", "peft", "safetensors"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def json_safe(value):
+    """JSON without NaN/Infinity (which strict readers reject) and without tensors or paths."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value) if isinstance(value, set | frozenset) else value
+        return [json_safe(v) for v in items]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str | int | bool) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return json_safe(value.tolist())
+    return str(value)
+
+
+def record_json(record: dict) -> str:
+    return json.dumps(json_safe(record), indent=1, allow_nan=False)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: never a half file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def png_bytes(image, record: dict) -> bytes:
+    import io
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(RECORD_CHUNK, record_json(record))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_image(image, record: dict, png_path: Path) -> tuple[Path, Path]:
+    """PNG (record in its text chunk) and sidecar JSON; the sidecar is written last, so a PNG
+    without sidecar means an interrupted save and is overwritten on the next run."""
+    png_path = Path(png_path)
+    sidecar = png_path.with_suffix(".json")
+    atomic_write_bytes(png_path, png_bytes(image, record))
+    atomic_write_bytes(sidecar, (record_json(record) + "\n").encode())
+    return png_path, sidecar
+
+
+def read_record(path: Path) -> dict:
+    """Record of an image: from its sidecar (.json) or its PNG text chunk."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        return json.loads(path.read_text())
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.info.get(RECORD_CHUNK)
+    if text is None:
+        raise ValueError(f"{path} holds no cmlora record (no '{RECORD_CHUNK}' PNG text chunk)")
+    return json.loads(text)

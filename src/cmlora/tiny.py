@@ -1,0 +1,178 @@
+"""Tiny random Stable Diffusion pipelines, built offline.
+
+Tests, benchmarks' smoke runs and the no-network demo need real diffusers pipelines with the
+SD-1.5 and SDXL *block layouts* (so the cache split, LoRA key mapping and MAC counting are
+exercised on the real module names) but cannot download weights. These builders make such
+pipelines from configs alone, with a CLIP tokenizer written from a small vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+_WORDS = (
+    "a photo of the and with in on at by an is red green blue black white pink hair eyes girl boy "
+    "man woman dog cat tree sky bamboo aurora star night city style drawn painting ink lineart "
+    "uniform suit gloves heels sword hat cup masterpiece best quality worst low raw 8k portrait "
+    "outdoors indoors background character object clothing wolf ears long short spiked muscular"
+).split()
+
+
+def write_tiny_tokenizer_files(folder: Path) -> Path:
+    """Write a byte-level BPE vocabulary that covers lowercase text.
+
+    Every single character (with and without the end-of-word marker) is in the vocabulary, so
+    any prompt tokenizes; a few whole words get merges so prompts are not all characters.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    chars += list(",.-!'_()")
+    vocab: dict[str, int] = {}
+    for token in ["<|startoftext|>", "<|endoftext|>"]:
+        vocab[token] = len(vocab)
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges: list[str] = []
+    for word in _WORDS:
+        # Merge left to right so every prefix is a token; the last merge yields the word + </w>.
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            merge = f"{current} {piece}"
+            if merge not in merges:
+                merges.append(merge)
+            current = current + piece
+            vocab.setdefault(current, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
+
+
+def tiny_tokenizer(folder: Path | None = None):
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder or tempfile.mkdtemp(prefix="cmlora-tok-"))
+    write_tiny_tokenizer_files(folder)
+    # from_pretrained reads vocab.json/merges.txt under both transformers 4 and 5 (whose
+    # constructors differ: 5 takes the vocabulary itself, not file names).
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=32, pad_token="<|endoftext|>")
+
+
+def _text_encoder(vocab_size: int, hidden: int, projection: bool, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        projection_dim=hidden,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+    ).eval()
+
+
+def _scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", algorithm_type="dpmsolver++",
+        steps_offset=1,
+    )
+
+
+def tiny_sd15_pipeline(seed: int = 0):
+    """SD-1.5 layout: CrossAttn down blocks first, linear-projection-free transformers."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer = tiny_tokenizer()
+    text_encoder = _text_encoder(len(tokenizer), 32, projection=False, seed=seed)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+    return StableDiffusionPipeline(
+        vae=_vae(seed + 2),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """SDXL layout: attention-free first level, two text encoders, text_time conditioning."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer = tiny_tokenizer()
+    tokenizer_2 = tiny_tokenizer()
+    text_encoder = _text_encoder(len(tokenizer), 16, projection=False, seed=seed)
+    text_encoder_2 = _text_encoder(len(tokenizer_2), 16, projection=True, seed=seed + 10)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 16,
+        transformer_layers_per_block=(1, 2),
+        norm_num_groups=8,
+    ).eval()
+    return StableDiffusionXLPipeline(
+        vae=_vae(seed + 2),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_scheduler(),
+        force_zeros_for_empty_prompt=False,
+    )

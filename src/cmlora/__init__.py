@@ -1,6 +1,6 @@
 """cmlora: training-free multi-LoRA composition (LoRA Switch, LoRA Composite, CMLoRA) on diffusers."""
 
-from .api import ComposeResult, Composer, compose
+from .api import Composer, ComposeResult, compose
 from .errors import CmloraError, LoRAFileError, OptionError
 from .loras import CATEGORIES, LoRA
 

@@ -84,7 +84,9 @@ class LoRAWrapped(torch.nn.Module):
             args = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
             self.deltas[name] = _Delta(down.contiguous(), up.contiguous(), scale, args)
         else:
-            self.deltas[name] = _Delta(down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1), scale, None)
+            self.deltas[name] = _Delta(
+                down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1), scale, None
+            )
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)

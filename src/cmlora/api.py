@@ -122,12 +122,20 @@ class Composer:
         seeds = _check_seeds(seed, num_images)
         if not isinstance(prompt, str):
             raise OptionError(f"prompt must be a string, got {type(prompt).__name__}")
-        if not isinstance(guidance_scale, int | float) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise OptionError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not (
-            1 <= num_inference_steps <= 1000
+        if (
+            not isinstance(guidance_scale, int | float)
+            or not math.isfinite(guidance_scale)
+            or guidance_scale < 0
         ):
-            raise OptionError(f"num_inference_steps must be an integer in [1, 1000], got {num_inference_steps!r}")
+            raise OptionError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or not (1 <= num_inference_steps <= 1000)
+        ):
+            raise OptionError(
+                f"num_inference_steps must be an integer in [1, 1000], got {num_inference_steps!r}"
+            )
         if method == "cmlora" and variant is None:
             variant = "offline"
         options = self._profile_options(profile, options)
@@ -137,16 +145,37 @@ class Composer:
         for image_seed in seeds:
             fresh = build_method(method, comp, variant, **options)
             image, record = self._one_image(
-                fresh, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
-                image_seed, research, progress, on_step,
+                fresh,
+                prompt,
+                negative_prompt,
+                num_inference_steps,
+                guidance_scale,
+                height,
+                width,
+                image_seed,
+                research,
+                progress,
+                on_step,
             )
             record["method_label"] = method_label(method, variant)
             result.images.append(image)
             result.records.append(record)
         return result
 
-    def _one_image(self, method: Method, prompt, negative_prompt, steps, guidance, height, width, seed,
-                   research, progress, on_step) -> tuple:
+    def _one_image(
+        self,
+        method: Method,
+        prompt,
+        negative_prompt,
+        steps,
+        guidance,
+        height,
+        width,
+        seed,
+        research,
+        progress,
+        on_step,
+    ) -> tuple:
         pipe = self.pipe
         start = time.perf_counter()
         cfg = guidance > 1.0
@@ -158,14 +187,23 @@ class Composer:
             latents = _initial_latents(pipe, seed, height, width, device) * scheduler.init_noise_sigma
             bar = _progress(steps, progress, method)
             try:
+
                 def step_callback(i: int, plan: StepPlan) -> None:
                     bar.update(1) if bar is not None else None
                     if on_step is not None:
                         on_step(i, plan)
 
                 latents, counters = denoise(
-                    pipe, self.adapters, method, conditionings, latents, scheduler, guidance, self.macs,
-                    research=research, on_step=step_callback,
+                    pipe,
+                    self.adapters,
+                    method,
+                    conditionings,
+                    latents,
+                    scheduler,
+                    guidance,
+                    self.macs,
+                    research=research,
+                    on_step=step_callback,
                 )
             finally:
                 if bar is not None:
@@ -173,7 +211,9 @@ class Composer:
                 self.adapters.unet.clear()
             image = decode(pipe, latents)[0]
         seconds = time.perf_counter() - start
-        record = self._record(method, prompt, negative_prompt, steps, guidance, height, width, seed, scheduler)
+        record = self._record(
+            method, prompt, negative_prompt, steps, guidance, height, width, seed, scheduler
+        )
         record.update(
             full_calls=counters.full_calls,
             cached_calls=counters.cached_calls,
@@ -193,15 +233,20 @@ class Composer:
             activation = tuple((n, s) for n, s in method.text_activation(key) if n in te_loras)
             if activation not in by_activation:
                 with self.adapters.text_active(activation):
-                    by_activation[activation] = encode_prompt(self.pipe, prompt, negative_prompt, cfg, height, width)
+                    by_activation[activation] = encode_prompt(
+                        self.pipe, prompt, negative_prompt, cfg, height, width
+                    )
             out[key] = by_activation[activation]
         return out
 
-    def _record(self, method: Method, prompt, negative_prompt, steps, guidance, height, width, seed,
-                scheduler) -> dict:
+    def _record(
+        self, method: Method, prompt, negative_prompt, steps, guidance, height, width, seed, scheduler
+    ) -> dict:
         pipe = self.pipe
         return {
-            "base_model": str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or ""),
+            "base_model": str(
+                getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or ""
+            ),
             "pipeline": type(pipe).__name__,
             "loras": [
                 {
@@ -266,8 +311,11 @@ def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
 def _check_seeds(seed, num_images: int) -> list[int]:
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise OptionError(f"num_images must be an integer >= 1, got {num_images!r}")
-    seeds = list(seed) if isinstance(seed, list | tuple) else [seed + k if isinstance(seed, int) else seed
-                                                                for k in range(num_images)]
+    seeds = (
+        list(seed)
+        if isinstance(seed, list | tuple)
+        else [seed + k if isinstance(seed, int) else seed for k in range(num_images)]
+    )
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
             raise OptionError(f"seed must be an integer in [0, 2**63-1], got {s!r}")

@@ -136,7 +136,9 @@ def check_safetensors_header(path: Path) -> tuple[dict, dict[str, str]]:
     with open(path, "rb") as handle:
         (header_len,) = struct.unpack("<Q", handle.read(8))
         if header_len > MAX_HEADER_BYTES:
-            raise LoRAFileError(path, f"header claims {header_len} bytes (limit {MAX_HEADER_BYTES}): not a LoRA")
+            raise LoRAFileError(
+                path, f"header claims {header_len} bytes (limit {MAX_HEADER_BYTES}): not a LoRA"
+            )
         if 8 + header_len > size:
             raise LoRAFileError(path, f"header claims {header_len} bytes but the file has {size}: truncated")
         raw = handle.read(header_len)
@@ -162,7 +164,9 @@ def check_safetensors_header(path: Path) -> tuple[dict, dict[str, str]]:
         if (
             not isinstance(shape, list)
             or len(shape) > 8
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_TENSOR_DIM for d in shape)
+            or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_TENSOR_DIM for d in shape
+            )
         ):
             raise LoRAFileError(path, f"absurd shape {shape!r}", key=key)
         if (
@@ -175,7 +179,9 @@ def check_safetensors_header(path: Path) -> tuple[dict, dict[str, str]]:
         expected = math.prod(shape) * _SAFETENSORS_DTYPES[dtype]
         if not 0 <= start <= end <= data_len or end - start != expected:
             raise LoRAFileError(
-                path, f"data_offsets {offsets} do not match shape {shape} x {dtype} in {data_len} data bytes", key=key
+                path,
+                f"data_offsets {offsets} do not match shape {shape} x {dtype} in {data_len} data bytes",
+                key=key,
             )
         spans.append((start, end, key))
     spans.sort()
@@ -256,7 +262,9 @@ def _pair_up(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[list[LoRAMod
     for key in keys:
         if any(marker in key for marker in _LYCORIS_MARKERS):
             raise LoRAFileError(
-                path, "this is a LyCORIS (LoHa/LoKr/OFT) file; only plain LoRA (down/up) files are supported", key=key
+                path,
+                "this is a LyCORIS (LoHa/LoKr/OFT) file; only plain LoRA (down/up) files are supported",
+                key=key,
             )
         if "dora_scale" in key or "lora_magnitude_vector" in key:
             raise LoRAFileError(path, "DoRA files are not supported (only plain LoRA)", key=key)
@@ -277,16 +285,22 @@ def _pair_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> list[LoRAModule
             raise LoRAFileError(path, "lora_down without its lora_up", key=key)
         prefix = next((p for p in _COMPONENT_PREFIXES if stem.startswith(p)), None)
         if prefix is None:
-            raise LoRAFileError(path, "key does not start with lora_unet_/lora_te_/lora_te1_/lora_te2_", key=key)
+            raise LoRAFileError(
+                path, "key does not start with lora_unet_/lora_te_/lora_te1_/lora_te2_", key=key
+            )
         alpha = None
         if alpha_key in tensors:
             alpha_t = tensors[alpha_key]
             if alpha_t.numel() != 1:
-                raise LoRAFileError(path, f"alpha must be a scalar, got shape {list(alpha_t.shape)}", key=alpha_key)
+                raise LoRAFileError(
+                    path, f"alpha must be a scalar, got shape {list(alpha_t.shape)}", key=alpha_key
+                )
             alpha = float(alpha_t.item())
             used.add(alpha_key)
         modules.append(
-            _checked_pair(path, _COMPONENT_PREFIXES[prefix], stem[len(prefix) :], tensors[key], tensors[up_key], alpha)
+            _checked_pair(
+                path, _COMPONENT_PREFIXES[prefix], stem[len(prefix) :], tensors[key], tensors[up_key], alpha
+            )
         )
         used.update({key, up_key})
     _refuse_leftovers(path, tensors, used)
@@ -334,7 +348,9 @@ def _checked_pair(
     path: Path, component: str, module: str, down: torch.Tensor, up: torch.Tensor, alpha: float | None
 ) -> LoRAModuleWeights:
     if down.dim() not in (2, 4) or up.dim() not in (2, 4):
-        raise LoRAFileError(path, f"down {list(down.shape)} / up {list(up.shape)} must be 2-D or 4-D", key=module)
+        raise LoRAFileError(
+            path, f"down {list(down.shape)} / up {list(up.shape)} must be 2-D or 4-D", key=module
+        )
     rank = down.shape[0]
     if not 0 < rank <= MAX_RANK or up.shape[1] != rank:
         raise LoRAFileError(
@@ -397,14 +413,18 @@ def _underscore_index(model: torch.nn.Module, text_encoder: bool) -> dict[str, s
 
 def _sgm_to_diffusers(keys: list[str], unet: torch.nn.Module) -> dict[str, str]:
     """Map kohya SDXL keys named after the original (SGM) UNet onto diffusers names."""
-    if not any(k.startswith(("input_blocks", "middle_block", "output_blocks", "time_embed", "out_")) for k in keys):
+    if not any(
+        k.startswith(("input_blocks", "middle_block", "output_blocks", "time_embed", "out_")) for k in keys
+    ):
         return {k: k for k in keys}
     from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
 
     renamed: dict[str, str] = {}
     rest = []
     for key in keys:
-        top = next((v + key[len(k) :] for k, v in _SGM_TOP.items() if key == k or key.startswith(k + "_")), None)
+        top = next(
+            (v + key[len(k) :] for k, v in _SGM_TOP.items() if key == k or key.startswith(k + "_")), None
+        )
         if top is not None and not key.startswith("input_blocks_0_0_"):
             renamed[top] = key
         elif key == "input_blocks_0_0":
@@ -456,8 +476,9 @@ def resolve(lora_file: LoRAFile, pipe: object, allow_partial: bool = False) -> l
             else "pass allow_partial=True (CLI: --allow-partial) to load the rest with a warning"
         )
         raise LoRAFileError(
-            lora_file.path, f"{len(unmatched)} of {len(lora_file.modules)} LoRA modules match no layer of "
-            f"{type(pipe).__name__}: {shown}; {hint}"
+            lora_file.path,
+            f"{len(unmatched)} of {len(lora_file.modules)} LoRA modules match no layer of "
+            f"{type(pipe).__name__}: {shown}; {hint}",
         )
     if unmatched:
         import warnings
@@ -496,7 +517,12 @@ def _check_shapes(path: Path, entry: LoRAModuleWeights, module: torch.nn.Module,
         in_c, out_c = conv.in_channels // conv.groups, conv.out_channels
         kernel = tuple(conv.kernel_size)
         down_kernel = tuple(down.shape[2:]) if down.dim() == 4 else (1, 1)
-        ok = down.shape[1] == in_c and up.shape[0] == out_c and down_kernel in (kernel, (1, 1)) and conv.groups == 1
+        ok = (
+            down.shape[1] == in_c
+            and up.shape[0] == out_c
+            and down_kernel in (kernel, (1, 1))
+            and conv.groups == 1
+        )
         if down_kernel == (1, 1) and kernel != (1, 1):
             ok = False
         expected = f"down (r, {in_c}, {kernel[0]}, {kernel[1]}) and up ({out_c}, r, 1, 1)"

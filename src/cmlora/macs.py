@@ -44,9 +44,11 @@ class MacCounter:
         def lora_hook(module: LoRAWrapped, args, output):
             x = args[0]
             router = module.router
-            groups = [(x.shape[0], router.active)] if router.rows is None else [
-                (g.rows.stop - g.rows.start, g.active) for g in router.rows
-            ]
+            groups = (
+                [(x.shape[0], router.active)]
+                if router.rows is None
+                else [(g.rows.stop - g.rows.start, g.active) for g in router.rows]
+            )
             for rows, active in groups:
                 for name, strength in active:
                     delta = module.deltas.get(name)

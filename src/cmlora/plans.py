@@ -52,7 +52,9 @@ class StepPlan:
             "dominant": self.dominant,
             "full": list(self.full),
             "cached": list(self.cached),
-            "weights": {(c.cache_key or _label(c)): round(w, 6) for c, w in zip(self.calls, self.weights, strict=True)},
+            "weights": {
+                (c.cache_key or _label(c)): round(w, 6) for c, w in zip(self.calls, self.weights, strict=True)
+            },
         }
         entry.update(self.info)
         return entry

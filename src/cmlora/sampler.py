@@ -35,7 +35,9 @@ class Counters:
     trace: list[dict] = field(default_factory=list)
 
 
-def encode_prompt(pipe, prompt: str, negative_prompt: str | None, cfg: bool, height: int, width: int) -> Conditioning:
+def encode_prompt(
+    pipe, prompt: str, negative_prompt: str | None, cfg: bool, height: int, width: int
+) -> Conditioning:
     """diffusers' own encode_prompt, for SD-1.5 and SDXL; SDXL also gets its time ids."""
     device = pipe._execution_device
     out = pipe.encode_prompt(
@@ -49,7 +51,9 @@ def encode_prompt(pipe, prompt: str, negative_prompt: str | None, cfg: bool, hei
         cond, uncond = out
         return Conditioning(torch.cat([uncond, cond]) if cfg else cond)
     cond, uncond, pooled, uncond_pooled = out
-    projection_dim = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
+    projection_dim = (
+        pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
+    )
     time_ids = pipe._get_add_time_ids(
         (height, width), (0, 0), (height, width), dtype=cond.dtype, text_encoder_projection_dim=projection_dim
     ).to(device)
@@ -64,7 +68,9 @@ def encode_prompt(pipe, prompt: str, negative_prompt: str | None, cfg: bool, hei
 class CallExecutor:
     """Runs one plan's UNet calls and keeps the per-LoRA cache entries of one image."""
 
-    def __init__(self, pipe, adapters: AdapterSet, macs: MacCounter, point: CachePoint | None, research: bool):
+    def __init__(
+        self, pipe, adapters: AdapterSet, macs: MacCounter, point: CachePoint | None, research: bool
+    ):
         self.unet = pipe.unet
         self.adapters = adapters
         self.macs = macs
@@ -80,8 +86,9 @@ class CallExecutor:
         if call.mode == "plain":
             eps, macs = self.macs.count(
                 signature,
-                lambda: self.unet(x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added,
-                                  return_dict=False)[0],
+                lambda: self.unet(
+                    x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added, return_dict=False
+                )[0],
             )
             counters.full_calls += 1
         else:
@@ -91,7 +98,9 @@ class CallExecutor:
             entry = None
             if call.mode == "cached":
                 if key not in self.cache:
-                    raise RuntimeError(f"plan asks for a cached call of {key!r} before any full call stored its features")
+                    raise RuntimeError(
+                        f"plan asks for a cached call of {key!r} before any full call stored its features"
+                    )
                 entry = self.cache[key]
             (eps, new_entry), macs = self.macs.count(
                 signature, lambda: self.split(x, t, cond.embeds, cond.added, entry=entry)

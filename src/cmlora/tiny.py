@@ -104,7 +104,10 @@ def _scheduler():
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", algorithm_type="dpmsolver++",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        algorithm_type="dpmsolver++",
         steps_offset=1,
     )
 
@@ -176,3 +179,63 @@ def tiny_sdxl_pipeline(seed: int = 0):
         scheduler=_scheduler(),
         force_zeros_for_empty_prompt=False,
     )
+
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def random_lora_state_dict(
+    pipe,
+    rank: int = 4,
+    seed: int = 0,
+    scale: float = 0.3,
+    fmt: str = "kohya",
+    text_encoder: bool = True,
+    alpha: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """A LoRA on every attention q/k/v/out and feed-forward layer (text encoders too), in the
+    layout of ``fmt``: "kohya" (lora_unet_*/lora_te*_ + .alpha), "diffusers" (unet.*.lora_A/B)
+    or "peft" (base_model.model.*.lora_A/B, UNet only)."""
+    generator = torch.Generator().manual_seed(seed)
+    components = [("unet", UNET_TARGETS)]
+    if text_encoder and fmt != "peft":
+        components.append(("text_encoder", TEXT_TARGETS))
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            components.append(("text_encoder_2", TEXT_TARGETS))
+    kohya_prefix = {
+        "unet": "lora_unet_",
+        "text_encoder": "lora_te1_" if hasattr(pipe, "text_encoder_2") else "lora_te_",
+        "text_encoder_2": "lora_te2_",
+    }
+    state: dict[str, torch.Tensor] = {}
+    for component, targets in components:
+        for name, module in getattr(pipe, component).named_modules():
+            if not isinstance(module, torch.nn.Linear) or not name.endswith(targets):
+                continue
+            down = torch.randn(rank, module.in_features, generator=generator) * scale
+            up = torch.randn(module.out_features, rank, generator=generator) * scale
+            if fmt == "kohya":
+                # kohya names text-encoder layers with transformers 4's "text_model." level.
+                path = name if component == "unet" or name.startswith("text_model.") else "text_model." + name
+                key = kohya_prefix[component] + path.replace(".", "_")
+                state[key + ".lora_down.weight"] = down
+                state[key + ".lora_up.weight"] = up
+                state[key + ".alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
+            elif fmt == "diffusers":
+                state[f"{component}.{name}.lora_A.weight"] = down
+                state[f"{component}.{name}.lora_B.weight"] = up
+            elif fmt == "peft":
+                state[f"base_model.model.{name}.lora_A.weight"] = down
+                state[f"base_model.model.{name}.lora_B.weight"] = up
+            else:
+                raise ValueError(f"unknown LoRA layout {fmt!r}; use kohya, diffusers or peft")
+    return state
+
+
+def write_random_lora(pipe, path, **kwargs) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file(random_lora_state_dict(pipe, **kwargs), str(path))
+    return path

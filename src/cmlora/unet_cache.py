@@ -39,7 +39,9 @@ class UNetSplit:
             raise OptionError("feature caching does not support image_hint UNets")
         downs, ups = unet.down_blocks, unet.up_blocks
         if not 0 <= point.layer < len(downs):
-            raise OptionError(f"cache_layer must be in [0, {len(downs) - 1}] for this UNet, got {point.layer}")
+            raise OptionError(
+                f"cache_layer must be in [0, {len(downs) - 1}] for this UNet, got {point.layer}"
+            )
         self.down = downs[point.layer]
         self.up_index = len(ups) - 1 - point.layer
         self.up = ups[self.up_index]
@@ -60,12 +62,16 @@ class UNetSplit:
         class_emb = unet.get_class_embed(sample=sample, class_labels=None)
         if class_emb is not None:
             raise OptionError("feature caching does not support class-conditioned UNets")
-        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=ehs, added_cond_kwargs=added_cond_kwargs or {})
+        aug = unet.get_aug_embed(
+            emb=emb, encoder_hidden_states=ehs, added_cond_kwargs=added_cond_kwargs or {}
+        )
         if aug is not None:
             emb = emb + aug
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
-        ehs = unet.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=added_cond_kwargs)
+        ehs = unet.process_encoder_hidden_states(
+            encoder_hidden_states=ehs, added_cond_kwargs=added_cond_kwargs
+        )
         return emb, ehs
 
     @staticmethod
@@ -92,7 +98,10 @@ class UNetSplit:
             return block(hidden_states=hidden, temb=emb)
         if cross:
             return block(
-                hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=ehs,
+                hidden_states=hidden,
+                temb=emb,
+                res_hidden_states_tuple=res,
+                encoder_hidden_states=ehs,
                 upsample_size=upsample_size,
             )
         return block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)

@@ -71,9 +71,7 @@ class Method:
 
     def plans(self, states: list[StepState] | None = None) -> list[StepPlan]:
         """All plans of a run (states per step for the online variant)."""
-        return [
-            self.plan(i, states[i] if states else StepState()) for i in range(self.comp.num_steps)
-        ]
+        return [self.plan(i, states[i] if states else StepState()) for i in range(self.comp.num_steps)]
 
     def te_strength(self, name: str) -> float:
         """Strength of a LoRA in the text encoder (merge and switch use a_i as strength too)."""
@@ -104,13 +102,20 @@ class Method:
 
 
 def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise OptionError(f"{name} must be an integer {bound}, got {value!r}")
     return value
 
 
-def check_float(name: str, value: object, low: float, high: float | None = None, low_open: bool = False) -> float:
+def check_float(
+    name: str, value: object, low: float, high: float | None = None, low_open: bool = False
+) -> float:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > low if low_open else value >= low) and (high is None or value <= high)

@@ -63,8 +63,11 @@ class Switch(Method):
 
     def plan(self, step: int, state: StepState | None = None) -> StepPlan:
         name = self.order[(step // self.tau) % len(self.order)]
-        call = UNetCall(((name, self.comp.lora_scale * self.comp.weights[name]),), "plain",
-                        embedding=self.embedding_for(name))
+        call = UNetCall(
+            ((name, self.comp.lora_scale * self.comp.weights[name]),),
+            "plain",
+            embedding=self.embedding_for(name),
+        )
         return StepPlan(step, (call,), (1.0,), dominant=name)
 
 
@@ -77,12 +80,21 @@ class Composite(Method):
 
     name = "composite"
 
-    def __init__(self, comp: Composition, text_encoder: str = "all", cache_interval: int = 1,
-                 cache_layer: int = 0, cache_block: int = 1):
+    def __init__(
+        self,
+        comp: Composition,
+        text_encoder: str = "all",
+        cache_interval: int = 1,
+        cache_layer: int = 0,
+        cache_block: int = 1,
+    ):
         super().__init__(comp)
         self.text_encoder = check_text_encoder(text_encoder)
         self.cache_interval = check_int("cache_interval", cache_interval, 1, 10_000)
-        self.cache_point = (check_int("cache_layer", cache_layer, 0, 8), check_int("cache_block", cache_block, 0, 8))
+        self.cache_point = (
+            check_int("cache_layer", cache_layer, 0, 8),
+            check_int("cache_block", cache_block, 0, 8),
+        )
         self.uses_cache = self.cache_interval > 1
         self.weights = mix_weights(list(comp.names), comp.weights, None, 1.0)
         self.refresh = {
@@ -102,6 +114,9 @@ class Composite(Method):
                 mode = "plain"
             else:
                 mode = "full" if step in self.refresh[name] else "cached"
-            calls.append(UNetCall(((name, self.comp.lora_scale),), mode, cache_key=name,
-                                  embedding=self.embedding_for(name)))
+            calls.append(
+                UNetCall(
+                    ((name, self.comp.lora_scale),), mode, cache_key=name, embedding=self.embedding_for(name)
+                )
+            )
         return StepPlan(step, tuple(calls), self.weights)

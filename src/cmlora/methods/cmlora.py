@@ -100,17 +100,24 @@ class CMLoRA(Method):
         default_decay = 0.5 if variant == "async" else 1.0
         self.decay = check_float("decay", default_decay if decay is None else decay, 0.0, 1.0, low_open=True)
         if variant == "reference" and self.decay != 1.0:
-            raise OptionError("the reference variant keeps w constant (published behaviour): do not set decay")
+            raise OptionError(
+                "the reference variant keeps w constant (published behaviour): do not set decay"
+            )
         self.c = check_int("cache_interval", cache_interval, 1, 10_000)
         if variant == "reference" and self.c < 2:
             raise OptionError(f"the reference variant needs cache_interval >= 2, got {self.c}")
         self.phase_fraction = check_float("phase_fraction", phase_fraction, 0.0, 1.0)
         self.threshold = check_float("threshold", threshold, 0.0, 1.0)
         self.async_interval = check_int(
-            "async_interval", async_interval if async_interval is not None
-            else max(1, round(PUBLISHED_ASYNC_FRACTION * steps)), 1, 10_000
+            "async_interval",
+            async_interval if async_interval is not None else max(1, round(PUBLISHED_ASYNC_FRACTION * steps)),
+            1,
+            10_000,
         )
-        self.cache_point = (check_int("cache_layer", cache_layer, 0, 8), check_int("cache_block", cache_block, 0, 8))
+        self.cache_point = (
+            check_int("cache_layer", cache_layer, 0, 8),
+            check_int("cache_block", cache_block, 0, 8),
+        )
         self.text_encoder = check_text_encoder(text_encoder)
         self.high, self.low = resolve_partition(comp, order, high, low, scores)
         self.order = self.high + self.low
@@ -118,7 +125,9 @@ class CMLoRA(Method):
         self.intervals = {name: self.c for name in self.high} | {name: self.c * factor for name in self.low}
         for name, value in (intervals or {}).items():
             if name not in self.intervals:
-                raise OptionError(f"intervals names {name!r}, which is not in the composition {list(comp.names)}")
+                raise OptionError(
+                    f"intervals names {name!r}, which is not in the composition {list(comp.names)}"
+                )
             self.intervals[name] = check_int(f"intervals[{name!r}]", value, 1, 10_000)
         self.spread = bool(spread)
         self.refresh = {
@@ -166,7 +175,13 @@ class CMLoRA(Method):
         if self.variant == "online":
             at_boundary = step % length == 0
             hf = state.high_frequency
-            if self._late_from_slot is None and at_boundary and step > 0 and hf is not None and hf < self.threshold:
+            if (
+                self._late_from_slot is None
+                and at_boundary
+                and step > 0
+                and hf is not None
+                and hf < self.threshold
+            ):
                 self._late_from_slot = slot
         else:
             phase_step = round(self.phase_fraction * self.comp.num_steps)
@@ -178,7 +193,9 @@ class CMLoRA(Method):
 
     def plan(self, step: int, state: StepState | None = None) -> StepPlan:
         if step != self._last_step + 1:
-            raise RuntimeError(f"cmlora plans must be asked in step order: got {step} after {self._last_step}")
+            raise RuntimeError(
+                f"cmlora plans must be asked in step order: got {step} after {self._last_step}"
+            )
         self._last_step = step
         state = state or StepState()
         if self.variant == "reference":

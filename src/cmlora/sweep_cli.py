@@ -1,0 +1,245 @@
+"""``cmlora sweep``: every composition x method x seed of a testbed, resumable and shardable.
+
+The runner (``testbed.sweep``) knows nothing of models; this module builds the jobs from a
+testbed and the published settings, and makes one image per job with ``Composer``. Jobs are
+ordered composition -> seed -> method so consecutive jobs of one process reuse the same loaded
+LoRAs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import OptionError
+
+# Published generation settings (COMPOSLORA.md). "zhong": Zhong et al. 2024; "cmlora": CMLoRA's code.
+PRESETS: dict[str, dict[str, dict]] = {
+    "zhong": {
+        "reality": {
+            "width": 768,
+            "height": 1024,
+            "steps": 100,
+            "guidance": 7.0,
+            "lora_scale": 0.8,
+            "base_seed": 111,
+        },
+        "anime": {
+            "width": 512,
+            "height": 512,
+            "steps": 200,
+            "guidance": 10.0,
+            "lora_scale": 0.8,
+            "base_seed": 111,
+        },
+    },
+    "cmlora": {
+        style: {
+            "width": 512,
+            "height": 512,
+            "steps": 220,
+            "guidance": 8.5,
+            "lora_scale": 1.0,
+            "base_seed": 222,
+        }
+        for style in ("reality", "anime")
+    },
+}
+MINI_DEFAULTS = {"width": 64, "height": 64, "steps": 20, "guidance": 5.0, "lora_scale": 1.0, "base_seed": 0}
+DEFAULT_METHODS = "merge,switch,composite,cmlora-offline"
+
+
+def add_sweep_subcommand(sub, common_model, add_method_flags) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run a testbed: every composition x method x seed (resumable, shardable)",
+        description=(
+            "Generate every composition of a testbed with several methods and seeds into one folder, with "
+            "records, a manifest (one JSON line per image) and a comparison sheet per composition. Re-running "
+            "the same command resumes; under `accelerate launch` the work is sharded across processes."
+        ),
+    )
+    common_model(p)
+    p.add_argument(
+        "--testbed",
+        choices=("composlora", "mini"),
+        default="mini",
+        help="composlora (the papers' 22 LoRAs; needs --lora-dir and --base) or mini (default)",
+    )
+    p.add_argument("--style", choices=("reality", "anime"), default="anime", help="composlora image style")
+    p.add_argument(
+        "--info", default=None, help="your own info file (ComposLoRA layout) instead of the testbed's"
+    )
+    p.add_argument(
+        "--lora-dir", default=None, help="folder holding <style>/<id>.safetensors (composlora, --info)"
+    )
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default="zhong",
+        help="composlora published settings: zhong (Zhong et al.) or cmlora (CMLoRA code)",
+    )
+    p.add_argument("--n", default="2,3,4,5", help="composition sizes, comma-separated (default 2,3,4,5)")
+    p.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma-separated method labels (default {DEFAULT_METHODS})",
+    )
+    p.add_argument("--seeds", type=int, default=1, help="images per composition and method (default 1)")
+    p.add_argument("--base-seed", type=int, default=None, help="base seed (default: the preset's)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the preset's)")
+    p.add_argument("--lora-scale", type=float, default=None, help="LoRA strength (default: the preset's)")
+    p.add_argument("--limit", type=int, default=None, help="only the first LIMIT compositions")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument(
+        "--new-run",
+        action="store_true",
+        help="discard the previous results in --out (only files the sweep wrote) and start over",
+    )
+    add_method_flags(p)
+    p.set_defaults(func=cmd_sweep)
+
+
+def _testbed(args):
+    from .testbed.compositions import enumerate_compositions
+    from .testbed.info import load_info, load_testbed_info, load_testbed_prompts
+
+    sizes = tuple(int(v) for v in args.n.split(",") if v.strip())
+    if args.testbed == "mini":
+        from .models import mini_available
+
+        if not mini_available():
+            raise OptionError("the mini world's trained assets are not installed; use --testbed composlora")
+        from . import mini
+        from .testbed.info import parse_info
+
+        info = parse_info(mini.info(), source="mini_lora_info.json")
+        prompts = mini.prompts()
+        style, base_prompt, negative = "mini", prompts["prompt"], prompts.get("negative_prompt", "")
+        defaults = dict(MINI_DEFAULTS)
+    else:
+        info = load_info(args.info) if args.info else load_testbed_info(args.style)
+        tb = load_testbed_prompts(args.style)
+        style, base_prompt, negative = args.style, tb.prompt, tb.negative_prompt
+        defaults = dict(PRESETS[args.preset][args.style])
+        if args.lora_dir is None:
+            raise OptionError(
+                "--lora-dir is required for --testbed composlora (folder with <style>/<id>.safetensors)"
+            )
+        if args.base is None:
+            raise OptionError(
+                f"--base is required for --testbed composlora (published base: {tb.base_model})"
+            )
+    comps = enumerate_compositions(
+        info, sizes, style=style, base_prompt=base_prompt, negative_prompt=negative
+    )
+    if args.limit is not None:
+        comps = comps[: args.limit]
+    return comps, defaults
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .api import Composer
+    from .cli import _method_options, _split_label
+    from .loras import LoRA
+    from .models import load_base
+    from .testbed.compositions import image_seed
+    from .testbed.info import lora_file
+    from .testbed.sweep import SweepJob, distributed_env, run_sweep
+
+    comps, defaults = _testbed(args)
+    for key in ("steps", "guidance", "lora_scale", "base_seed"):
+        if getattr(args, key) is not None:
+            defaults[key] = getattr(args, key)
+    if args.size:
+        defaults["width"], defaults["height"] = args.size
+    labels = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = {label: _split_label(label) for label in labels}
+    options = {label: _method_options(args, method, strict=False) for label, (method, _) in methods.items()}
+    if args.seeds < 1:
+        raise OptionError(f"--seeds must be >= 1, got {args.seeds}")
+    jobs = [
+        SweepJob(comp, label, options[label], k, image_seed(defaults["base_seed"], comp.id, k))
+        for comp in comps
+        for k in range(args.seeds)
+        for label in labels
+    ]
+    _, _, local_rank = distributed_env()
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "auto"
+    base = load_base(args.base, device, args.dtype, args.config)
+    if base.note:
+        print(base.note, file=sys.stderr)
+    settings = {
+        "testbed": args.testbed,
+        "style": comps[0].style if comps else args.style,
+        "base": base.name,
+        "info": args.info,
+        "methods": labels,
+        "method_options": options,
+        "sizes": args.n,
+        "seeds": args.seeds,
+        "limit": args.limit,
+        "dtype": args.dtype,
+        "profile": args.profile,
+        **defaults,
+    }
+    state: dict = {"composition": None, "composer": None}
+
+    def composer_for(comp):
+        if state["composition"] != comp.id:
+            if state["composer"] is not None:
+                state["composer"].close()
+            loras = []
+            for entry in comp.loras:
+                if args.testbed == "mini":
+                    path = Path(base.lora_ids[entry.id]["file"])
+                elif args.info:
+                    path = Path(args.lora_dir) / f"{entry.id}.safetensors"
+                else:
+                    path = lora_file(args.lora_dir, args.style, entry)
+                loras.append(LoRA(path, category=entry.category, name=entry.id, triggers=entry.trigger))
+            state["composer"] = Composer(
+                base.pipe, loras, allow_partial=args.allow_partial, allow_pickle=args.allow_pickle
+            )
+            state["composition"] = comp.id
+        return state["composer"]
+
+    def generate(job: SweepJob):
+        method, variant = methods[job.method]
+        composer = composer_for(job.composition)
+        result = composer.generate(
+            prompt=job.composition.prompt,
+            method=method,
+            variant=variant,
+            negative_prompt=job.composition.negative_prompt,
+            num_inference_steps=defaults["steps"],
+            guidance_scale=defaults["guidance"],
+            height=defaults["height"],
+            width=defaults["width"],
+            seed=job.seed,
+            lora_scale=defaults["lora_scale"],
+            profile=args.profile,
+            progress=False,
+            **job.method_options,
+        )
+        record = result.records[0]
+        for key in ("prompt", "negative_prompt", "seed"):
+            record.pop(key)
+        record["lora_files"] = record.pop("loras")
+        record["method_name"] = record.pop("method")
+        record["base_model"] = base.name
+        return result.images[0], record
+
+    try:
+        summary = run_sweep(args.out, settings, jobs, generate, new_run=args.new_run, progress=not args.quiet)
+    finally:
+        if state["composer"] is not None:
+            state["composer"].close()
+    print(f"{summary.done}/{summary.total} images in {args.out} (manifest.jsonl, images/, sheets/)")
+    return 0

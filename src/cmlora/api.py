@@ -89,13 +89,21 @@ class Composer:
             lora_scale=lora_scale,
         )
 
-    def _profile_options(self, profile, options: dict) -> dict:
+    def _profile_options(self, profile, method: str, options: dict) -> dict:
+        """A profile file sets cmlora's H/L partition; an explicit order/partition wins, loudly."""
         if profile is None:
             return options
+        if method != "cmlora":
+            raise OptionError(f"profile= sets the LoRA order of method cmlora only (method is {method!r})")
+        given = sorted(set(options) & {"order", "high", "low"})
+        if given:
+            raise OptionError(f"profile= conflicts with {given}: give either a profile or an explicit order/partition")
         from .profiles import ProfileFile
 
         pf = profile if isinstance(profile, ProfileFile) else ProfileFile.load(profile)
-        _, high, low = pf.order_for({name: f.sha256 for name, f in self.files.items()})
+        threshold = pf.settings.get("threshold")
+        threshold = threshold if isinstance(threshold, int | float) and not isinstance(threshold, bool) else None
+        _, high, low = pf.order_for({name: f.sha256 for name, f in self.files.items()}, threshold=threshold)
         return {**options, "high": list(high), "low": list(low)}
 
     def generate(
@@ -138,7 +146,7 @@ class Composer:
             )
         if method == "cmlora" and variant is None:
             variant = "offline"
-        options = self._profile_options(profile, options)
+        options = self._profile_options(profile, method, options)
         comp = self._composition(num_inference_steps, float(lora_scale))
         build_method(method, comp, variant, **options)  # validate every option before any work
         result = ComposeResult()

@@ -434,6 +434,9 @@ def _sgm_to_diffusers(keys: list[str], unet: torch.nn.Module) -> dict[str, str]:
     mapped = _maybe_map_sgm_blocks_to_diffusers({"lora_unet_" + k: k for k in rest}, unet.config)
     for new_key, old_key in mapped.items():
         new = new_key[len("lora_unet_") :]
+        for sgm, diff in (("input_blocks_", "down_blocks_"), ("middle_block_", "mid_block_"),
+                          ("output_blocks_", "up_blocks_")):
+            new = new.replace(sgm, diff)
         for sgm, diff in _SGM_INNER.items():
             new = new.replace(sgm, diff)
         new = new.replace("_op", "_conv") if "downsamplers" in new else new
@@ -470,11 +473,9 @@ def resolve(lora_file: LoRAFile, pipe: object, allow_partial: bool = False) -> l
             resolved.append(ResolvedModule(component, target_name, entry))
     if unmatched and not (allow_partial and resolved):
         shown = ", ".join(unmatched[:10]) + (f" (+{len(unmatched) - 10} more)" if len(unmatched) > 10 else "")
-        hint = (
-            "the LoRA was probably made for another base architecture (e.g. SDXL vs SD-1.5)"
-            if not resolved
-            else "pass allow_partial=True (CLI: --allow-partial) to load the rest with a warning"
-        )
+        hint = "pass allow_partial=True (CLI: --allow-partial) to load the rest with a warning"
+        if 2 * len(unmatched) > len(lora_file.modules):
+            hint = "the LoRA was probably made for another base architecture (e.g. SDXL vs SD-1.5)"
         raise LoRAFileError(
             lora_file.path,
             f"{len(unmatched)} of {len(lora_file.modules)} LoRA modules match no layer of "

@@ -1,0 +1,242 @@
+"""LoRA files: every layout lands, every bad file is a clear error and leaves the pipeline unchanged."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same_state, pipeline_state
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from cmlora import LoRA, LoRAFileError, OptionError, compose
+from cmlora.api import Composer
+from cmlora.loras import check_safetensors_header, read_lora_file, resolve
+from cmlora.tiny import random_lora_state_dict
+
+
+def _img(pipe, paths, **kw):
+    r = compose(pipe, [LoRA(p) for p in paths], method="merge" if paths else "none", prompt="red hair", num_inference_steps=2,
+                guidance_scale=4.0, height=16, width=16, seed=1, progress=False, **kw)
+    return np.asarray(r.images[0])
+
+
+def test_kohya_diffusers_and_peft_layouts_give_the_same_image(sd15, tmp_path):
+    kohya = random_lora_state_dict(sd15, rank=3, seed=5, fmt="kohya", text_encoder=False)
+    diffusers = random_lora_state_dict(sd15, rank=3, seed=5, fmt="diffusers", text_encoder=False)
+    peft = random_lora_state_dict(sd15, rank=3, seed=5, fmt="peft")
+    for name, sd in (("k", kohya), ("d", diffusers), ("p", peft)):
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+    assert read_lora_file(tmp_path / "k.safetensors").format == "kohya"
+    assert read_lora_file(tmp_path / "d.safetensors").format == "diffusers"
+    images = [_img(sd15, [tmp_path / f"{n}.safetensors"]) for n in "kdp"]
+    assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
+    assert not np.array_equal(images[0], _img(sd15, []))
+
+
+def test_every_kohya_key_lands_including_text_encoder(sd15, sd15_loras):
+    lora_file = read_lora_file(sd15_loras[0])
+    resolved = resolve(lora_file, sd15)
+    assert len(resolved) == len(lora_file.modules)
+    assert {r.component for r in resolved} == {"unet", "text_encoder"}
+    n_te = sum(1 for r in resolved if r.component == "text_encoder")
+    assert n_te == 2 * 6  # two layers x q, k, v, out, fc1, fc2
+
+
+def test_alpha_scales_the_delta(sd15, tmp_path):
+    a = random_lora_state_dict(sd15, rank=2, seed=1, alpha=2.0, text_encoder=False)
+    b = {k: (v * 2 if k.endswith("lora_up.weight") else v) for k, v in a.items()}
+    b = {k: (torch.tensor(1.0) if k.endswith(".alpha") else v) for k, v in b.items()}  # 2x up, alpha/r 0.5
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    assert np.array_equal(_img(sd15, [tmp_path / "a.safetensors"]), _img(sd15, [tmp_path / "b.safetensors"]))
+
+
+def test_sdxl_kohya_sgm_names_map_to_diffusers(sdxl, tmp_path):
+    unet = sdxl.unet
+    targets = {
+        "input_blocks_4_1_transformer_blocks_0_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "middle_block_1_transformer_blocks_0_attn2_to_k": "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+        "output_blocks_0_1_transformer_blocks_1_ff_net_2": "up_blocks.0.attentions.0.transformer_blocks.1.ff.net.2",
+        "output_blocks_3_0_in_layers_2": "up_blocks.1.resnets.0.conv1",
+    }
+    sd = {}
+    for key, module_name in targets.items():
+        module = unet.get_submodule(module_name)
+        if isinstance(module, torch.nn.Conv2d):
+            sd[f"lora_unet_{key}.lora_down.weight"] = torch.randn(2, module.in_channels, 3, 3)
+            sd[f"lora_unet_{key}.lora_up.weight"] = torch.randn(module.out_channels, 2, 1, 1)
+        else:
+            sd[f"lora_unet_{key}.lora_down.weight"] = torch.randn(2, module.in_features)
+            sd[f"lora_unet_{key}.lora_up.weight"] = torch.randn(module.out_features, 2)
+    save_file(sd, str(tmp_path / "xl.safetensors"))
+    resolved = resolve(read_lora_file(tmp_path / "xl.safetensors"), sdxl)
+    assert sorted(r.module_name for r in resolved) == sorted(targets.values())
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def _write_raw(path, header: dict, data: bytes = b"") -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def _bad_files(sd15, sdxl, tmp_path):
+    good = random_lora_state_dict(sd15, rank=2, seed=0, text_encoder=False)
+    key = next(k for k in good if k.endswith("lora_down.weight"))
+    cases = {}
+
+    def save(name, sd):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(sd, str(path))
+        cases[name] = path
+
+    save("sdxl_on_sd15", random_lora_state_dict(sdxl, rank=2, seed=0, text_encoder=False))
+    save("lycoris", {"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)})
+    save("nan", {**good, key: torch.full_like(good[key], float("nan"))})
+    save("rank_mismatch", {**good, key: good[key][:1]})
+    save("unknown_key", {**good, "something_else.weight": torch.zeros(2)})
+    save("unmatched", {**good, "lora_unet_no_such_layer.lora_down.weight": torch.zeros(2, 4),
+                       "lora_unet_no_such_layer.lora_up.weight": torch.zeros(4, 2)})
+    save("int_dtype", {**good, key: torch.zeros_like(good[key], dtype=torch.int32)})
+    save("empty", {})
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(cases["nan"].read_bytes()[:-100])
+    cases["truncated"] = truncated
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(struct.pack("<Q", 20) + b"{not json at all!!!}")
+    cases["garbage"] = garbage
+    huge = tmp_path / "huge_header.safetensors"
+    huge.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    cases["huge_header"] = huge
+    dup = tmp_path / "duplicate.safetensors"
+    raw = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    dup.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+    cases["duplicate"] = dup
+    absurd = tmp_path / "absurd_shape.safetensors"
+    _write_raw(absurd, {"a": {"dtype": "F32", "shape": [10**9, 10**9], "data_offsets": [0, 4]}}, b"\0" * 4)
+    cases["absurd_shape"] = absurd
+    pickle = tmp_path / "model.ckpt"
+    torch.save(good, pickle)
+    cases["pickle"] = pickle
+    return cases
+
+
+EXPECTED = {
+    "sdxl_on_sd15": "another base",
+    "lycoris": "LyCORIS",
+    "nan": "NaN",
+    "rank_mismatch": "ranks do not match",
+    "unknown_key": "not part of any down/up pair",
+    "unmatched": "match no layer",
+    "int_dtype": "not a float type",
+    "empty": "no tensors",
+    "truncated": "data_offsets",
+    "garbage": "not valid JSON",
+    "huge_header": "header claims",
+    "duplicate": "duplicated key",
+    "absurd_shape": "absurd shape",
+    "pickle": "pickle",
+}
+
+
+def test_each_bad_file_is_a_clear_error_and_the_pipeline_is_untouched(sd15, sdxl, sd15_loras, tmp_path):
+    cases = _bad_files(sd15, sdxl, tmp_path)
+    assert set(cases) == set(EXPECTED)
+    before = pipeline_state(sd15)
+    for name, path in cases.items():
+        with pytest.raises(LoRAFileError) as info:
+            # a good LoRA first: it must not stay half-installed when the second file fails
+            Composer(sd15, [LoRA(sd15_loras[0]), LoRA(path, name="bad")])
+        message = str(info.value)
+        assert EXPECTED[name] in message, (name, message)
+        assert str(path) in message, (name, message)
+    assert_same_state(before, pipeline_state(sd15))
+
+
+def test_pickle_allowed_explicitly(sd15, tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save(random_lora_state_dict(sd15, rank=2, seed=3, text_encoder=False), path)
+    img = _img(sd15, [path], allow_pickle=True)
+    save_file(random_lora_state_dict(sd15, rank=2, seed=3, text_encoder=False), str(tmp_path / "new.safetensors"))
+    assert np.array_equal(img, _img(sd15, [tmp_path / "new.safetensors"]))
+
+
+def test_partial_load_warns(sd15, tmp_path):
+    good = random_lora_state_dict(sd15, rank=2, seed=0, text_encoder=False)
+    good["lora_unet_no_such_layer.lora_down.weight"] = torch.zeros(2, 4)
+    good["lora_unet_no_such_layer.lora_up.weight"] = torch.zeros(4, 2)
+    save_file(good, str(tmp_path / "p.safetensors"))
+    with pytest.warns(UserWarning, match="no_such_layer"):
+        _img(sd15, [tmp_path / "p.safetensors"], allow_partial=True)
+
+
+@pytest.mark.parametrize(
+    "loras,fragment",
+    [
+        (lambda p: [LoRA(p[0]), LoRA(p[0])], "duplicate"),
+        (lambda p: [LoRA(p[0], name="x"), LoRA(p[1], name="x")], "duplicate"),
+        (lambda p: [LoRA(p[0], weight=float("nan"))], "weight"),
+        (lambda p: [LoRA(p[0], weight=-1)], "weight"),
+        (lambda p: [LoRA(p[0], category="scenery")], "category"),
+        (lambda p: [LoRA(p[0], name="../evil")], "safe adapter name"),
+    ],
+)
+def test_bad_lora_options(sd15, sd15_loras, loras, fragment):
+    with pytest.raises(OptionError, match=fragment):
+        compose(sd15, loras(sd15_loras), prompt="x", num_inference_steps=1, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        ({"height": 20}, "multiple of 8"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),
+        ({"seed": -1}, "seed"),
+        ({"method": "cmlora", "variant": "weird"}, "variant"),
+        ({"method": "blend"}, "unknown method"),
+        ({"tau": 0, "method": "switch"}, "tau"),
+    ],
+)
+def test_bad_generation_options_fail_before_work(sd15, sd15_loras, kwargs, fragment):
+    before = pipeline_state(sd15)
+    args = {"prompt": "x", "num_inference_steps": 2, "height": 16, "width": 16, "progress": False} | kwargs
+    with pytest.raises(OptionError, match=fragment):
+        compose(sd15, [LoRA(sd15_loras[0])], **args)
+    assert_same_state(before, pipeline_state(sd15))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    header=st.one_of(
+        st.binary(max_size=64),
+        st.dictionaries(
+            st.text(max_size=8),
+            st.one_of(
+                st.none(), st.integers(), st.text(max_size=5),
+                st.fixed_dictionaries({
+                    "dtype": st.sampled_from(["F32", "F16", "I8", "X9", ""]),
+                    "shape": st.lists(st.integers(min_value=-3, max_value=10**7), max_size=4),
+                    "data_offsets": st.lists(st.integers(min_value=-5, max_value=10**6), max_size=3),
+                }),
+            ),
+            max_size=4,
+        ),
+    ),
+    data=st.binary(max_size=64),
+    declared=st.one_of(st.none(), st.integers(min_value=0, max_value=2**64 - 1)),
+)
+def test_fuzz_reader_only_raises_its_own_errors(tmp_path_factory, header, data, declared):
+    path = tmp_path_factory.mktemp("fuzz") / "f.safetensors"
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    length = len(raw) if declared is None else declared
+    path.write_bytes(struct.pack("<Q", length) + raw + data)
+    try:
+        check_safetensors_header(path)
+        read_lora_file(path)
+    except LoRAFileError:
+        pass

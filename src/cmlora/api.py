@@ -123,6 +123,7 @@ class Composer:
         research: bool = False,
         progress: bool = True,
         on_step: Callable[[int, StepPlan], None] | None = None,
+        batch_calls: bool | None = None,
         **options,
     ) -> ComposeResult:
         pipe = self.pipe
@@ -147,6 +148,7 @@ class Composer:
         if method == "cmlora" and variant is None:
             variant = "offline"
         options = self._profile_options(profile, method, options)
+        batch = _default_batching(pipe) if batch_calls is None else bool(batch_calls)
         comp = self._composition(num_inference_steps, float(lora_scale))
         build_method(method, comp, variant, **options)  # validate every option before any work
         result = ComposeResult()
@@ -164,6 +166,7 @@ class Composer:
                 research,
                 progress,
                 on_step,
+                batch,
             )
             record["method_label"] = method_label(method, variant)
             result.images.append(image)
@@ -183,6 +186,7 @@ class Composer:
         research,
         progress,
         on_step,
+        batch,
     ) -> tuple:
         pipe = self.pipe
         start = time.perf_counter()
@@ -212,6 +216,7 @@ class Composer:
                     self.macs,
                     research=research,
                     on_step=step_callback,
+                    batch=batch,
                 )
             finally:
                 if bar is not None:
@@ -228,6 +233,8 @@ class Composer:
             macs=counters.macs,
             seconds=round(seconds, 4),
             unet_seconds=round(counters.unet_seconds, 4),
+            unet_invocations=counters.invocations,
+            batched_calls=batch,
             trace=counters.trace,
         )
         return image, record
@@ -300,6 +307,12 @@ def compose(
     """Generate with a multi-LoRA method; the pipeline is left exactly as it was found."""
     with Composer(pipe, loras, allow_partial=allow_partial, allow_pickle=allow_pickle) as composer:
         return composer.generate(prompt=prompt, method=method, variant=variant, **kwargs)
+
+
+def _default_batching(pipe) -> bool:
+    """Batch a step's per-LoRA calls where that was measured faster: on CUDA (see README, Speed).
+    On CPU one call's matmuls already fill the cores, and batching only raises peak memory."""
+    return pipe._execution_device.type == "cuda"
 
 
 def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import AdapterSet
+from .adapters import AdapterSet, RowGroup
 from .macs import MacCounter
 from .methods import Method, StepState
 from .plans import StepPlan, UNetCall
@@ -32,6 +32,7 @@ class Counters:
     cached_calls: int = 0
     macs: int = 0
     unet_seconds: float = 0.0
+    invocations: int = 0
     trace: list[dict] = field(default_factory=list)
 
 
@@ -66,11 +67,14 @@ def encode_prompt(
 
 
 class CallExecutor:
-    """Runs one plan's UNet calls and keeps the per-LoRA cache entries of one image."""
+    """Runs a plan's UNet calls and keeps the per-LoRA cache entries of one image.
 
-    def __init__(
-        self, pipe, adapters: AdapterSet, macs: MacCounter, point: CachePoint | None, research: bool
-    ):
+    Calls of the same mode can run as one batched UNet invocation: each call's CFG rows get their
+    own adapters through the router's row groups (PEFT-style mixed-adapter batches). Sequential
+    execution is the same code with groups of one.
+    """
+
+    def __init__(self, pipe, adapters: AdapterSet, macs: MacCounter, point: CachePoint | None, research: bool):
         self.unet = pipe.unet
         self.adapters = adapters
         self.macs = macs
@@ -78,48 +82,74 @@ class CallExecutor:
         self.cache: dict[str, torch.Tensor] = {}
         self.research = research
 
-    def run(self, call: UNetCall, x: torch.Tensor, t, cond: Conditioning, counters: Counters) -> tuple:
-        self.adapters.unet.set(call.adapters)
-        signature = (call.mode, tuple(x.shape), tuple(cond.embeds.shape), call.adapters)
-        similarity = None
-        start = time.perf_counter()
-        if call.mode == "plain":
-            eps, macs = self.macs.count(
-                signature,
-                lambda: self.unet(
-                    x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added, return_dict=False
-                )[0],
-            )
-            counters.full_calls += 1
+    def run(self, calls: list[UNetCall], x: torch.Tensor, t, conds: list[Conditioning], counters: Counters) -> list:
+        """Execute calls (all of one mode) in one UNet invocation; returns (eps, similarity) per call."""
+        mode = calls[0].mode
+        rows = x.shape[0]
+        router = self.adapters.unet
+        if len(calls) == 1:
+            router.set(calls[0].adapters)
+            xb, embeds, added = x, conds[0].embeds, conds[0].added
         else:
-            if self.split is None:
-                raise RuntimeError("plan asks for a cached/full split call but the method has no cache point")
-            key = call.cache_key or "+".join(n for n, _ in call.adapters)
-            entry = None
-            if call.mode == "cached":
-                if key not in self.cache:
-                    raise RuntimeError(
-                        f"plan asks for a cached call of {key!r} before any full call stored its features"
-                    )
-                entry = self.cache[key]
-            (eps, new_entry), macs = self.macs.count(
-                signature, lambda: self.split(x, t, cond.embeds, cond.added, entry=entry)
-            )
-            if call.mode == "full":
-                if self.research and key in self.cache:
-                    similarity = float(
-                        torch.nn.functional.cosine_similarity(
-                            self.cache[key].flatten().float(), new_entry.flatten().float(), dim=0
-                        )
-                    )
-                self.cache[key] = new_entry
-                counters.full_calls += 1
+            router.set_rows([RowGroup(slice(k * rows, (k + 1) * rows), c.adapters) for k, c in enumerate(calls)])
+            xb = torch.cat([x] * len(calls))
+            embeds = torch.cat([c.embeds for c in conds])
+            added = None if conds[0].added is None else {
+                key: torch.cat([c.added[key] for c in conds]) for key in conds[0].added
+            }
+        signature = (mode, tuple(xb.shape), tuple(embeds.shape), tuple(c.adapters for c in calls))
+        keys = [c.cache_key or "+".join(n for n, _ in c.adapters) for c in calls]
+        similarities: list[float | None] = [None] * len(calls)
+        start = time.perf_counter()
+        try:
+            if mode == "plain":
+                out, macs = self.macs.count(
+                    signature,
+                    lambda: self.unet(xb, t, encoder_hidden_states=embeds, added_cond_kwargs=added,
+                                      return_dict=False)[0],
+                )
             else:
-                counters.cached_calls += 1
+                if self.split is None:
+                    raise RuntimeError("plan asks for a cached/full split call but the method has no cache point")
+                entry = None
+                if mode == "cached":
+                    missing = [k for k in keys if k not in self.cache]
+                    if missing:
+                        raise RuntimeError(f"plan asks for cached calls of {missing} before any full call stored them")
+                    entry = torch.cat([self.cache[k] for k in keys]) if len(keys) > 1 else self.cache[keys[0]]
+                (out, new_entry), macs = self.macs.count(
+                    signature, lambda: self.split(xb, t, embeds, added, entry=entry)
+                )
+                if mode == "full":
+                    for k, key in enumerate(keys):
+                        fresh = new_entry[k * rows : (k + 1) * rows]
+                        if self.research and key in self.cache:
+                            similarities[k] = float(
+                                torch.nn.functional.cosine_similarity(
+                                    self.cache[key].flatten().float(), fresh.flatten().float(), dim=0
+                                )
+                            )
+                        self.cache[key] = fresh
+        finally:
+            router.clear()
         counters.unet_seconds += time.perf_counter() - start
         counters.macs += macs
-        self.adapters.unet.clear()
-        return eps, similarity
+        if mode == "cached":
+            counters.cached_calls += len(calls)
+        else:
+            counters.full_calls += len(calls)
+        counters.invocations += 1
+        return list(zip(out.split(rows), similarities, strict=True))
+
+
+def _groups(calls: tuple[UNetCall, ...], batch: bool) -> list[list[int]]:
+    """Indices of calls executed together: one per call, or one per mode when batching."""
+    if not batch:
+        return [[k] for k in range(len(calls))]
+    by_mode: dict[str, list[int]] = {}
+    for k, call in enumerate(calls):
+        by_mode.setdefault(call.mode, []).append(k)
+    return list(by_mode.values())
 
 
 def denoise(
@@ -133,6 +163,7 @@ def denoise(
     macs: MacCounter,
     research: bool = False,
     on_step: Callable[[int, StepPlan], None] | None = None,
+    batch: bool = False,
 ) -> tuple[torch.Tensor, Counters]:
     """Run the trajectory. ``conditionings`` holds one entry per embedding key the method uses."""
     from .frequency import latent_high_frequency
@@ -148,8 +179,13 @@ def denoise(
         x = scheduler.scale_model_input(x, t)
         mixed = None
         similarities = {}
-        for call, weight in zip(plan.calls, plan.weights, strict=True):
-            eps, similarity = executor.run(call, x, t, conditionings[call.embedding], counters)
+        results: list = [None] * len(plan.calls)
+        for group in _groups(plan.calls, batch):
+            calls = [plan.calls[k] for k in group]
+            conds = [conditionings[c.embedding] for c in calls]
+            for k, result in zip(group, executor.run(calls, x, t, conds, counters), strict=True):
+                results[k] = result
+        for call, weight, (eps, similarity) in zip(plan.calls, plan.weights, results, strict=True):
             if similarity is not None:
                 similarities[call.cache_key] = round(similarity, 6)
             term = eps.float() * weight

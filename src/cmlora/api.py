@@ -233,6 +233,7 @@ class Composer:
             macs=counters.macs,
             seconds=round(seconds, 4),
             unet_seconds=round(counters.unet_seconds, 4),
+            loop_seconds=round(counters.loop_seconds, 4),
             unet_invocations=counters.invocations,
             batched_calls=batch,
             trace=counters.trace,

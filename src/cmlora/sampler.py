@@ -32,6 +32,7 @@ class Counters:
     cached_calls: int = 0
     macs: int = 0
     unet_seconds: float = 0.0
+    loop_seconds: float = 0.0
     invocations: int = 0
     trace: list[dict] = field(default_factory=list)
 
@@ -172,6 +173,7 @@ def denoise(
     point = CachePoint(*method.cache_point) if method.uses_cache else None
     executor = CallExecutor(pipe, adapters, macs, point, research)
     counters = Counters()
+    loop_start = time.perf_counter()
     for i, t in enumerate(scheduler.timesteps):
         hf = latent_high_frequency(latents) if (method.needs_high_frequency or research) else None
         plan = method.plan(i, StepState(high_frequency=hf))
@@ -202,6 +204,7 @@ def denoise(
         counters.trace.append(entry)
         if on_step is not None:
             on_step(i, plan)
+    counters.loop_seconds = time.perf_counter() - loop_start
     return latents, counters
 
 

@@ -1,0 +1,361 @@
+"""Speed of every method on the real SD-1.5 / SDXL architectures (random weights: compute does not
+depend on the values), with N = 2..5 rank-64 LoRAs on all attention and feed-forward layers.
+
+    python benchmarks/speed.py                       # CPU defaults: SD-1.5, 256x256, T=20, N=2..5
+    python benchmarks/speed.py --preset gpu          # 512x512 SD-1.5 and 1024x1024 SDXL, fp16, CUDA
+    python benchmarks/speed.py --arch tiny --n 2 --steps 3 --repeats 1   # smoke run (the test suite's)
+
+Per method and N: median seconds per image over repeats, full/cached UNet calls, UNet GMACs (attention
+counted), seconds inside UNet calls, share of the denoising loop spent outside UNet calls (activation,
+mixing, cache bookkeeping), peak memory, and ratios to merge and to composite. Writes JSON, prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+CATEGORY_ORDER = ("character", "clothing", "style", "background", "object")
+METHODS = {
+    "merge": ("merge", None, {}),
+    "switch": ("switch", None, {}),
+    "composite": ("composite", None, {}),
+    "cmlora-offline": ("cmlora", "offline", {}),
+    "cmlora-reference-c3": ("cmlora", "reference", {"cache_interval": 3}),
+    "composite+cache-c3": ("composite", None, {"cache_interval": 3}),
+    "cmlora-block0-c5": ("cmlora", "offline", {"cache_interval": 5, "cache_block": 0}),
+}
+
+
+def sd15_pipeline(dtype: torch.dtype):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cmlora.tiny import _scheduler, tiny_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    tokenizer = tiny_tokenizer()
+    tokenizer.model_max_length = 77
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def sdxl_pipeline(dtype: torch.dtype):
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from cmlora.tiny import _scheduler, tiny_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    te1 = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+        )
+    )
+    te2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            max_position_embeddings=77,
+            projection_dim=1280,
+            hidden_act="gelu",
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=1024,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    tok1, tok2 = tiny_tokenizer(), tiny_tokenizer()
+    tok1.model_max_length = tok2.model_max_length = 77
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=te1,
+        text_encoder_2=te2,
+        tokenizer=tok1,
+        tokenizer_2=tok2,
+        unet=unet,
+        scheduler=_scheduler(),
+    )
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def tiny_pipeline(dtype: torch.dtype):
+    from cmlora.tiny import tiny_sd15_pipeline
+
+    pipe = tiny_sd15_pipeline()
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+ARCHS = {"sd15": sd15_pipeline, "sdxl": sdxl_pipeline, "tiny": tiny_pipeline}
+
+
+class PeakMemory:
+    """Peak device memory (CUDA) or peak process RSS sampled every 10 ms (CPU) during a block."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        import psutil
+
+        process = psutil.Process()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, process.memory_info().rss)
+                self._stop.wait(0.01)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def run(args) -> dict:
+    from cmlora import LoRA
+    from cmlora.api import Composer
+    from cmlora.tiny import write_random_lora
+
+    torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    built = time.perf_counter()
+    pipe = ARCHS[args.arch](dtype).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    print(f"built {args.arch} in {time.perf_counter() - built:.1f} s", file=sys.stderr)
+    size = args.size if args.arch != "tiny" else 16
+    sizes = [int(n) for n in args.n.split(",")]
+    folder = Path(tempfile.mkdtemp(prefix="cmlora-bench-"))
+    files = [
+        write_random_lora(
+            pipe, folder / f"{CATEGORY_ORDER[k]}.safetensors", rank=args.rank, seed=k, scale=0.01
+        )
+        for k in range(max(sizes))
+    ]
+    rows = []
+    for n in sizes:
+        loras = [LoRA(files[k], category=CATEGORY_ORDER[k]) for k in range(n)]
+        with Composer(pipe, loras) as composer:
+            for label in args.methods.split(","):
+                method, variant, options = METHODS[label]
+                kwargs = dict(
+                    prompt="a photo",
+                    method=method,
+                    variant=variant,
+                    num_inference_steps=args.steps,
+                    guidance_scale=7.5,
+                    height=size,
+                    width=size,
+                    progress=False,
+                    **options,
+                )
+                if args.batch != "auto":
+                    kwargs["batch_calls"] = args.batch == "on"
+                composer.generate(seed=0, **{**kwargs, "num_inference_steps": 2})  # warm-up, counts MACs
+                seconds, records = [], []
+                with PeakMemory(args.device) as memory:
+                    for r in range(args.repeats):
+                        start = time.perf_counter()
+                        record = composer.generate(seed=r, **kwargs).records[0]
+                        if args.device.startswith("cuda"):
+                            torch.cuda.synchronize()
+                        seconds.append(time.perf_counter() - start)
+                        records.append(record)
+                rec = records[0]
+                loop = statistics.median(r["loop_seconds"] for r in records)
+                unet = statistics.median(r["unet_seconds"] for r in records)
+                rows.append(
+                    {
+                        "n": n,
+                        "method": label,
+                        "seconds": statistics.median(seconds),
+                        "seconds_all": seconds,
+                        "full_calls": rec["full_calls"],
+                        "cached_calls": rec["cached_calls"],
+                        "gmacs": rec["macs"] / 1e9,
+                        "unet_seconds": unet,
+                        "loop_seconds": loop,
+                        "outside_unet_share": (loop - unet) / loop if loop else 0.0,
+                        "batched": rec["batched_calls"],
+                        "peak_memory_gb": memory.peak / 2**30,
+                    }
+                )
+                print(f"N={n} {label:22s} {rows[-1]['seconds']:8.2f} s", file=sys.stderr)
+    for row in rows:
+        same_n = {r["method"]: r for r in rows if r["n"] == row["n"]}
+        for ref in ("merge", "composite"):
+            if ref in same_n:
+                row[f"x_{ref}"] = row["seconds"] / same_n[ref]["seconds"]
+    return {
+        "arch": args.arch,
+        "size": size,
+        "steps": args.steps,
+        "dtype": args.dtype,
+        "device": args.device,
+        "rank": args.rank,
+        "repeats": args.repeats,
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": __import__("os").cpu_count(),
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        },
+        "versions": __import__("cmlora.records", fromlist=["x"]).library_versions(),
+        "rows": rows,
+    }
+
+
+def table(result: dict) -> str:
+    lines = [
+        f"{result['arch']} {result['size']}x{result['size']} T={result['steps']} {result['dtype']} "
+        f"{result['device']} rank {result['rank']}, median of {result['repeats']}",
+        "| N | method | s/image | full | cached | GMAC | outside UNet | peak GB | x merge | composite / this |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        speedup = 1 / r["x_composite"] if r.get("x_composite") else float("nan")
+        lines.append(
+            f"| {r['n']} | {r['method']} | {r['seconds']:.2f} | {r['full_calls']} | {r['cached_calls']} | "
+            f"{r['gmacs']:.0f} | {100 * r['outside_unet_share']:.1f}% | {r['peak_memory_gb']:.2f} | "
+            f"{r.get('x_merge', float('nan')):.2f} | {speedup:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=tuple(ARCHS), default="sd15")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--n", default="2,3,4,5")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--batch",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="batch a step's per-LoRA calls into one UNet call (auto: on for CUDA)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="gpu: SD-1.5 at 512 and SDXL at 1024, fp16, cuda (runs both)",
+    )
+    parser.add_argument("--out", default="benchmarks/results/speed.json")
+    args = parser.parse_args(argv)
+    results = []
+    if args.preset == "gpu":
+        args.device, args.dtype = "cuda", "fp16"
+        for arch, size in (("sd15", 512), ("sdxl", 1024)):
+            args.arch, args.size = arch, size
+            results.append(run(args))
+    else:
+        results.append(run(args))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results if len(results) > 1 else results[0], indent=1))
+    for result in results:
+        print(table(result))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Speed machinery: the benchmark runs (tiny smoke), and adapter activation never walks modules."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from cmlora import LoRA, compose
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_activation_never_calls_set_adapters(sd15, sd15_loras, monkeypatch):
+    """Switching LoRAs per UNet call is one router write, not diffusers/PEFT's module walk."""
+    from diffusers.loaders.lora_base import LoraBaseMixin
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("set_adapters called during composition")
+
+    monkeypatch.setattr(PeftAdapterMixin, "set_adapters", forbidden)
+    monkeypatch.setattr(LoraBaseMixin, "set_adapters", forbidden, raising=False)
+    for method in ("switch", "composite", "cmlora"):
+        r = compose(
+            sd15,
+            [LoRA(p) for p in sd15_loras],
+            method=method,
+            prompt="red",
+            num_inference_steps=3,
+            guidance_scale=3.0,
+            height=16,
+            width=16,
+            progress=False,
+        )
+        assert r.records[0]["full_calls"] >= 3
+
+
+def test_router_activation_is_constant_time(sd15, sd15_loras):
+    import time
+
+    from cmlora.api import Composer
+
+    with Composer(sd15, [LoRA(p) for p in sd15_loras]) as c:
+        router = c.adapters.unet
+        start = time.perf_counter()
+        for _ in range(10_000):
+            router.set(((c.loras[0].adapter, 1.0),))
+            router.clear()
+        per_switch = (time.perf_counter() - start) / 10_000
+    assert per_switch < 20e-6  # a UNet call of even the tiny model takes milliseconds
+
+
+def test_speed_benchmark_smoke(tmp_path):
+    out = tmp_path / "speed.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "speed.py"),
+            "--arch",
+            "tiny",
+            "--n",
+            "2",
+            "--steps",
+            "3",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--rank",
+            "4",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = json.loads(out.read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) >= {"merge", "switch", "composite", "cmlora-offline", "cmlora-reference-c3"}
+    assert rows["composite"]["full_calls"] == 2 * 3 and rows["composite"]["cached_calls"] == 0
+    assert rows["cmlora-reference-c3"]["full_calls"] == 2 + (3 - 1) // 3
+    assert rows["composite"]["x_composite"] == 1.0
+    assert all(0.0 <= r["outside_unet_share"] < 1.0 for r in rows.values())

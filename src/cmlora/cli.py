@@ -61,7 +61,7 @@ def _parse_lora(spec: str):
         category = parts.pop()
     if len(parts) >= 2:
         try:
-            weight = float(parts[-1])
+            weight = float(parts[-1]) if parts[-1] else 1.0  # FILE::CATEGORY keeps the default weight
             parts.pop()
         except ValueError:
             pass
@@ -131,7 +131,6 @@ def _size(text: str) -> tuple[int, int]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .api import Composer
     from .models import load_base
-    from .records import save_image
 
     label = args.method
     if args.variant is not None:
@@ -153,42 +152,60 @@ def cmd_generate(args: argparse.Namespace) -> int:
     negative = args.negative_prompt if args.negative_prompt is not None else base.negative_prompt
     width, height = args.size if args.size else (None, None)
     out = Path(args.out)
+    if args.num_images < 1:
+        raise OptionError(f"--num-images must be >= 1, got {args.num_images}")
     with Composer(
         base.pipe, loras, allow_partial=args.allow_partial, allow_pickle=args.allow_pickle
     ) as composer:
-        result = composer.generate(
-            prompt=prompt,
-            method=method,
-            variant=variant,
-            negative_prompt=negative,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            height=height,
-            width=width,
-            seed=args.seed,
-            num_images=args.num_images,
-            lora_scale=args.lora_scale,
-            profile=args.profile,
-            research=args.research,
-            progress=not args.quiet,
-            **options,
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    start = _next_index(out)
-    for k, (image, record) in enumerate(zip(result.images, result.records, strict=True)):
-        record["base_model"] = base.name
-        png = out / f"{start + k:05d}-{record['method_label']}-s{record['seed']}.png"
-        save_image(image, record, png)
-        print(
-            f"{png}  ({record['full_calls']} full + {record['cached_calls']} cached UNet calls, "
-            f"{record['macs'] / 1e9:.2f} GMAC, {record['seconds']:.2f} s)"
-        )
-        if args.research:
-            from .research import plot_trace
-
-            plot_trace(record, png.with_suffix(".trace.png"))
-            print(f"{png.with_suffix('.trace.png')}  (research trace)")
+        for k in range(args.num_images):
+            # one image at a time, each saved as soon as it exists: an interrupt loses at most the
+            # image being made, never a finished one
+            result = composer.generate(
+                prompt=prompt,
+                method=method,
+                variant=variant,
+                negative_prompt=negative,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                height=height,
+                width=width,
+                seed=args.seed + k,
+                lora_scale=args.lora_scale,
+                profile=args.profile,
+                research=args.research,
+                progress=not args.quiet,
+                **options,
+            )
+            _save_generated(result.images[0], result.records[0], out, base.name, args.research)
     return 0
+
+
+def _save_generated(image, record: dict, out: Path, base_name: str, research: bool) -> None:
+    import errno
+
+    from .records import save_image
+
+    record["base_model"] = base_name
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"{_next_index(out):05d}-{record['method_label']}-s{record['seed']}.png"
+    try:
+        save_image(image, record, png)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise CmloraError(
+                f"disk full while writing {png}: no partial file was left; free space and re-run"
+            ) from None
+        raise
+    print(
+        f"{png}  ({record['full_calls']} full + {record['cached_calls']} cached UNet calls, "
+        f"{record['macs'] / 1e9:.2f} GMAC, {record['seconds']:.2f} s)",
+        flush=True,
+    )
+    if research:
+        from .research import plot_trace
+
+        plot_trace(record, png.with_suffix(".trace.png"))
+        print(f"{png.with_suffix('.trace.png')}  (research trace)")
 
 
 def _next_index(folder: Path) -> int:
@@ -440,10 +457,28 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _sigterm_as_interrupt():
+    """SIGTERM (kill, a cluster's pre-emption) unwinds like Ctrl-C, so temporary files are removed
+    and nothing half-written stays behind. Returns the previous handler (restored by ``main``)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
+    previous = _sigterm_as_interrupt()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -452,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     except CmloraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

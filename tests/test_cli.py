@@ -1,0 +1,197 @@
+"""The command line: help, generate from a local diffusers folder, records, errors, interruptions."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from cmlora.cli import build_parser, main
+from cmlora.records import read_record
+
+
+def test_every_subcommand_has_help(capsys):
+    parser = build_parser()
+    commands = [a for a in parser._subparsers._group_actions[0].choices]
+    assert {"generate", "sweep", "profile", "fft", "plot-trace", "eval", "report"} <= set(commands)
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: cmlora" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def sd15_folder(tmp_path_factory, sd15):
+    folder = tmp_path_factory.mktemp("sd15-folder")
+    sd15.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_generate_from_local_folder_writes_png_and_sidecar(sd15_folder, sd15_loras, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(
+        [
+            "generate",
+            "--base",
+            str(sd15_folder),
+            "--lora",
+            f"{sd15_loras[0]}:0.8:character",
+            "--lora",
+            f"{sd15_loras[1]}::background",
+            "--method",
+            "cmlora",
+            "--variant",
+            "reference",
+            "--cache-interval",
+            "2",
+            "--prompt",
+            "red hair",
+            "--steps",
+            "3",
+            "--size",
+            "16x16",
+            "--num-images",
+            "2",
+            "--seed",
+            "5",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == ["00000-cmlora-reference-s5.png", "00001-cmlora-reference-s6.png"]
+    printed = capsys.readouterr().out
+    assert str(pngs[0]) in printed and "cached UNet calls" in printed
+    chunk, sidecar = read_record(pngs[0]), json.loads(pngs[0].with_suffix(".json").read_text())
+    assert chunk == sidecar
+    assert sidecar["loras"][0]["weight"] == 0.8 and sidecar["loras"][1]["category"] == "background"
+    assert sidecar["options"]["cache_interval"] == 2 and sidecar["seed"] == 5
+    assert sidecar["full_calls"] == 2 + (3 - 1) // 2
+    assert Image.open(pngs[0]).size == (16, 16)
+
+
+def test_bad_lora_file_exit_2_and_nothing_written(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    out = tmp_path / "out"
+    code = main(
+        ["generate", "--base", "tiny-sd15", "--lora", str(bad), "--prompt", "x", "--out", str(out), "--quiet"]
+    )
+    assert code == 2
+    assert str(bad) in capsys.readouterr().err
+    assert not out.exists() or not list(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--size", "20x16"], "multiple of 8"),
+        (["--steps", "0"], "num_inference_steps"),
+        (["--method", "switch", "--variant", "online"], "--variant applies to method cmlora only"),
+        (["--method", "merge", "--tau", "3"], "does not apply to method 'merge'"),
+        (["--method", "cmlora", "--cache-interval", "0"], "cache_interval"),
+        (["--method", "sideways"], "unknown method"),
+    ],
+)
+def test_bad_options_exit_2(argv, fragment, sd15_loras, tmp_path, capsys):
+    code = main(
+        [
+            "generate",
+            "--base",
+            "tiny-sd15",
+            "--lora",
+            str(sd15_loras[0]),
+            "--prompt",
+            "x",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+            *argv,
+        ]
+    )
+    assert code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_disk_full_leaves_no_partial_file(monkeypatch, sd15_loras, tmp_path, capsys):
+    import cmlora.records as records
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(records.os, "replace", full)
+    code = main(
+        [
+            "generate",
+            "--base",
+            "tiny-sd15",
+            "--lora",
+            str(sd15_loras[0]),
+            "--prompt",
+            "x",
+            "--steps",
+            "2",
+            "--size",
+            "16x16",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
+    assert code == 2
+    assert "disk full" in capsys.readouterr().err
+    assert list((tmp_path / "o").iterdir()) == []
+
+
+def test_sigterm_during_generate_leaves_only_complete_files(sd15_loras, tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, torch; torch.set_num_threads(1); from cmlora.cli import main; "
+            "sys.exit(main(sys.argv[1:]))",
+            "generate",
+            "--base",
+            "tiny-sd15",
+            "--lora",
+            str(sd15_loras[0]),
+            "--prompt",
+            "x",
+            "--steps",
+            "30",
+            "--size",
+            "32x32",
+            "--num-images",
+            "500",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    pngs, sidecars = sorted(out.glob("*.png")), sorted(out.glob("*.json"))
+    assert len(pngs) >= 2
+    # every PNG is whole (opens, carries its record) and has its sidecar; at most the image being saved
+    # at the signal may lack a sidecar, and no temporary file survives
+    for png in pngs:
+        assert read_record(png)["prompt"] == "x"
+    assert len(pngs) - len(sidecars) in (0, 1)
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]

@@ -240,3 +240,18 @@ def test_fuzz_reader_only_raises_its_own_errors(tmp_path_factory, header, data, 
         read_lora_file(path)
     except LoRAFileError:
         pass
+
+
+def test_user_peft_adapters_stay_and_apply(tmp_path):
+    """A pipeline with the user's own LoRA loaded by diffusers (PEFT) composes on top of it, and keeps it."""
+    from cmlora.tiny import tiny_sd15_pipeline, write_random_lora
+
+    pipe = tiny_sd15_pipeline(seed=3)
+    user = write_random_lora(pipe, tmp_path / "user.safetensors", seed=9, text_encoder=False)
+    ours = write_random_lora(pipe, tmp_path / "ours.safetensors", seed=10)
+    both = _img(pipe, [user, ours])
+    pipe.load_lora_weights(str(user), adapter_name="user")
+    before = pipeline_state(pipe)
+    assert np.array_equal(_img(pipe, [ours]), both)
+    assert_same_state(before, pipeline_state(pipe))
+    assert pipe.get_active_adapters() == ["user"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .loras import LoRAFile, ResolvedModule
+from .loras import LoRAFile, ResolvedModule, base_layer
 
 Activation = tuple[tuple[str, float], ...]
 """Active adapters and their strengths, applied to every row of the batch."""
@@ -75,12 +75,12 @@ class LoRAWrapped(torch.nn.Module):
         weight = self.base.weight
         down = down.to(device=weight.device, dtype=weight.dtype)
         up = up.to(device=weight.device, dtype=weight.dtype)
-        if isinstance(self.base, torch.nn.Conv2d):
+        if isinstance(base_layer(self.base), torch.nn.Conv2d):
             if down.dim() == 2:
                 down = down[:, :, None, None]
             if up.dim() == 2:
                 up = up[:, :, None, None]
-            conv = self.base
+            conv = base_layer(self.base)
             args = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
             self.deltas[name] = _Delta(down.contiguous(), up.contiguous(), scale, args)
         else:

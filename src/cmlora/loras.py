@@ -396,11 +396,36 @@ _SGM_TOP = {
 }
 
 
+def base_layer(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The Linear/Conv2d a LoRA can target: the module itself, or the base layer of a PEFT-wrapped
+    one (the user's own adapters loaded with diffusers stay in place and keep applying)."""
+    if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+        return module
+    get_base = getattr(module, "get_base_layer", None)
+    if callable(get_base):
+        base = get_base()
+        if isinstance(base, torch.nn.Linear | torch.nn.Conv2d):
+            return base
+    return None
+
+
+def lora_targets(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Targetable layers by name; the insides of PEFT-wrapped layers (base_layer, lora_A...) are not."""
+    targets: dict[str, torch.nn.Module] = {}
+    wrapped: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in wrapped):
+            continue
+        if base_layer(module) is not None:
+            targets[name] = module
+            if module is not base_layer(module):
+                wrapped.append(name)
+    return targets
+
+
 def _underscore_index(model: torch.nn.Module, text_encoder: bool) -> dict[str, str]:
     index: dict[str, str] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
-            continue
+    for name in lora_targets(model):
         flat = name.replace(".", "_")
         index[flat] = name
         if text_encoder and not flat.startswith("text_model_"):
@@ -454,7 +479,7 @@ def resolve(lora_file: LoRAFile, pipe: object, allow_partial: bool = False) -> l
         if model is None:
             unmatched.extend(f"{component}:{m.key}" for m in entries)
             continue
-        modules = dict(model.named_modules())
+        modules = lora_targets(model)
         is_kohya = lora_file.format == "kohya"
         if is_kohya:
             index = _underscore_index(model, text_encoder=component != "unet")
@@ -492,19 +517,16 @@ def resolve(lora_file: LoRAFile, pipe: object, allow_partial: bool = False) -> l
     return resolved
 
 
-def _dotted_lookup(key: str, modules: dict[str, torch.nn.Module], text_encoder: bool) -> str | None:
+def _dotted_lookup(key: str, targets: dict[str, torch.nn.Module], text_encoder: bool) -> str | None:
     candidates = [key]
     if text_encoder:
         candidates += [key.removeprefix("text_model."), "text_model." + key]
-    for candidate in candidates:
-        module = modules.get(candidate)
-        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
-            return candidate
-    return None
+    return next((c for c in candidates if c in targets), None)
 
 
 def _check_shapes(path: Path, entry: LoRAModuleWeights, module: torch.nn.Module, name: str) -> None:
     down, up = entry.down, entry.up
+    module = base_layer(module)
     if isinstance(module, torch.nn.Linear):
         in_f, out_f = module.in_features, module.out_features
         ok = (

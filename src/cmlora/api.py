@@ -288,7 +288,8 @@ class Composer:
             "steps": steps,
             "guidance_scale": guidance,
             "scheduler": type(scheduler).__name__,
-            "scheduler_config": dict(scheduler.config),
+            # diffusers' private keys ("_use_default_values") vary run to run: records must not
+            "scheduler_config": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
             "dtype": str(pipe.unet.dtype).replace("torch.", ""),
             "device": str(pipe._execution_device),
             "versions": library_versions(),

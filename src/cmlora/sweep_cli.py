@@ -122,7 +122,9 @@ def _testbed(args):
     else:
         info = load_info(args.info) if args.info else load_testbed_info(args.style)
         tb = load_testbed_prompts(args.style)
-        style, base_prompt, negative = args.style, tb.prompt, tb.negative_prompt
+        # a user's own info file names its compositions after the file, not after a ComposLoRA style
+        style = Path(args.info).stem if args.info else args.style
+        base_prompt, negative = tb.prompt, tb.negative_prompt
         defaults = dict(PRESETS[args.preset][args.style])
         if args.lora_dir is None:
             raise OptionError(
@@ -141,9 +143,7 @@ def _testbed(args):
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .api import Composer
     from .cli import _method_options, _split_label
-    from .loras import LoRA
     from .models import load_base
     from .testbed.compositions import image_seed
     from .testbed.info import lora_file
@@ -189,57 +189,100 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "profile": args.profile,
         **defaults,
     }
-    state: dict = {"composition": None, "composer": None}
+    if args.testbed == "mini":
 
-    def composer_for(comp):
-        if state["composition"] != comp.id:
-            if state["composer"] is not None:
-                state["composer"].close()
-            loras = []
-            for entry in comp.loras:
-                if args.testbed == "mini":
-                    path = Path(base.lora_ids[entry.id]["file"])
-                elif args.info:
-                    path = Path(args.lora_dir) / f"{entry.id}.safetensors"
-                else:
-                    path = lora_file(args.lora_dir, args.style, entry)
-                loras.append(LoRA(path, category=entry.category, name=entry.id, triggers=entry.trigger))
-            state["composer"] = Composer(
-                base.pipe, loras, allow_partial=args.allow_partial, allow_pickle=args.allow_pickle
+        def lora_path(entry):
+            return Path(base.lora_ids[entry.id]["file"])
+    elif args.info:
+
+        def lora_path(entry):
+            return Path(args.lora_dir) / f"{entry.id}.safetensors"
+    else:
+
+        def lora_path(entry):
+            return lora_file(args.lora_dir, args.style, entry)
+
+    generate = CompositionGenerator(
+        base,
+        methods,
+        defaults,
+        lora_path,
+        profile=args.profile,
+        allow_partial=args.allow_partial,
+        allow_pickle=args.allow_pickle,
+    )
+    try:
+        summary = run_sweep(args.out, settings, jobs, generate, new_run=args.new_run, progress=not args.quiet)
+    finally:
+        generate.close()
+    print(f"{summary.done}/{summary.total} images in {args.out} (manifest.jsonl, images/, sheets/)")
+    return 0
+
+
+class CompositionGenerator:
+    """Makes the image of a sweep job; keeps one composition's LoRAs loaded across its jobs.
+
+    ``methods`` maps a job's method label to (method, variant); the job carries its options.
+    """
+
+    def __init__(
+        self,
+        base,
+        methods: dict[str, tuple[str, str | None]],
+        defaults: dict,
+        lora_path,
+        profile=None,
+        allow_partial: bool = False,
+        allow_pickle: bool = False,
+    ):
+        self.base, self.methods, self.defaults, self.lora_path = base, methods, defaults, lora_path
+        self.profile, self.allow_partial, self.allow_pickle = profile, allow_partial, allow_pickle
+        self._composition: str | None = None
+        self._composer = None
+
+    def _composer_for(self, comp):
+        from .api import Composer
+        from .loras import LoRA
+
+        if self._composition != comp.id:
+            self.close()
+            loras = [
+                LoRA(self.lora_path(e), category=e.category, name=e.id, triggers=e.trigger)
+                for e in comp.loras
+            ]
+            self._composer = Composer(
+                self.base.pipe, loras, allow_partial=self.allow_partial, allow_pickle=self.allow_pickle
             )
-            state["composition"] = comp.id
-        return state["composer"]
+            self._composition = comp.id
+        return self._composer
 
-    def generate(job: SweepJob):
-        method, variant = methods[job.method]
-        composer = composer_for(job.composition)
-        result = composer.generate(
+    def __call__(self, job):
+        method, variant = self.methods[job.method]
+        d = self.defaults
+        result = self._composer_for(job.composition).generate(
             prompt=job.composition.prompt,
             method=method,
             variant=variant,
             negative_prompt=job.composition.negative_prompt,
-            num_inference_steps=defaults["steps"],
-            guidance_scale=defaults["guidance"],
-            height=defaults["height"],
-            width=defaults["width"],
+            num_inference_steps=d["steps"],
+            guidance_scale=d["guidance"],
+            height=d["height"],
+            width=d["width"],
             seed=job.seed,
-            lora_scale=defaults["lora_scale"],
-            profile=args.profile,
+            lora_scale=d["lora_scale"],
+            profile=self.profile,
             progress=False,
             **job.method_options,
         )
         record = result.records[0]
-        for key in ("prompt", "negative_prompt", "seed"):
+        for key in ("prompt", "negative_prompt", "seed"):  # the job's own fields, identical
             record.pop(key)
         record["lora_files"] = record.pop("loras")
         record["method_name"] = record.pop("method")
-        record["base_model"] = base.name
+        record["base_model"] = self.base.name
         return result.images[0], record
 
-    try:
-        summary = run_sweep(args.out, settings, jobs, generate, new_run=args.new_run, progress=not args.quiet)
-    finally:
-        if state["composer"] is not None:
-            state["composer"].close()
-    print(f"{summary.done}/{summary.total} images in {args.out} (manifest.jsonl, images/, sheets/)")
-    return 0
+    def close(self) -> None:
+        if self._composer is not None:
+            self._composer.close()
+        self._composer, self._composition = None, None

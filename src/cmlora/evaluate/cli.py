@@ -71,7 +71,22 @@ def add_eval_subcommands(subparsers: Any) -> argparse.ArgumentParser:
         help="score the images of a sweep run (CLIPScore, pairwise MLLM judge)",
         description="Evaluate the images of a sweep run directory. Results go to RUN_DIR/eval/.",
     )
-    eval_sub = eval_parser.add_subparsers(dest="eval_command", metavar="{clipscore,judge}", required=True)
+    eval_sub = eval_parser.add_subparsers(
+        dest="eval_command", metavar="{clipscore,judge,concepts}", required=True
+    )
+
+    concepts = eval_sub.add_parser(
+        "concepts",
+        help="mini world: concept recall of each image with the world's detectors",
+        description=(
+            "For a run made on the mini world (cmlora sweep --testbed mini), detect which character, clothing, "
+            "style, background and object each image shows and append {image, recall, all_present} lines to "
+            "RUN_DIR/eval/concepts.jsonl (read by cmlora report). Already scored images are skipped."
+        ),
+    )
+    concepts.add_argument("run_dir", metavar="RUN_DIR", help="sweep run directory containing manifest.jsonl")
+    concepts.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    concepts.set_defaults(func=_run_concepts)
 
     clip = eval_sub.add_parser(
         "clipscore",
@@ -210,6 +225,19 @@ def add_report_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     report.add_argument("--no-plots", action="store_true", help="write report.md only")
     report.set_defaults(func=_run_report)
     return report
+
+
+def _run_concepts(args: argparse.Namespace) -> int:
+    from .concepts import score_run
+    from .runs import ManifestError
+
+    try:
+        out = score_run(args.run_dir, progress=not args.no_progress)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
 
 
 def _run_clipscore(args: argparse.Namespace) -> int:

@@ -5,9 +5,12 @@ detected) and all-concepts-present rate, per method and N, with a plot of recall
     python benchmarks/quality.py --out runs/quality              # methods of the papers, 2 seeds
     python benchmarks/quality.py --out runs/front --front        # cmlora cache settings vs cost
 
---front adds cmlora offline with cache interval c in 1, 2, 3, 5, 8 at cache blocks 0 and 1 beside
-merge, switch and composite, and plots recall against UNet MACs per image (the speed/quality front).
+--front adds cmlora offline with cache interval c in 1, 2, 3, 5, 8 at two cache points beside merge,
+switch and composite, and plots recall against UNet MACs per image (the speed/quality front). The mini
+UNet has one block per level, so its two cache points are (level 0, block 0) and (level 1, block 0).
 The run folder is a sweep folder: interrupting and re-running resumes; `cmlora report` reads it too.
+Two CPU processes halve the wall time: run the same command with RANK=0 WORLD_SIZE=2 and RANK=1
+WORLD_SIZE=2 (or under `accelerate launch`); the last one to finish scores and writes the table.
 """
 
 from __future__ import annotations
@@ -30,15 +33,20 @@ MAIN_METHODS = {
 }
 
 
+#: Cache points of the front, as (layer, block). The mini UNet has one resnet/attention pair per
+#: level, so its "block 1" does not exist; the next deeper point is block 0 of level 1.
+FRONT_POINTS = ((0, 0), (1, 0))
+
+
 def front_methods() -> dict:
     methods = {k: MAIN_METHODS[k] for k in ("merge", "switch", "composite")}
     methods["cmlora-c1"] = ("cmlora", "offline", {"cache_interval": 1})
     for c in (2, 3, 5, 8):
-        for block in (0, 1):
-            methods[f"cmlora-c{c}-b{block}"] = (
+        for layer, block in FRONT_POINTS:
+            methods[f"cmlora-c{c}-L{layer}b{block}"] = (
                 "cmlora",
                 "offline",
-                {"cache_interval": c, "cache_block": block},
+                {"cache_interval": c, "cache_layer": layer, "cache_block": block},
             )
     return methods
 
@@ -68,6 +76,7 @@ def run(args) -> dict:
         base_prompt=prompts["prompt"],
         negative_prompt=prompts.get("negative_prompt", ""),
     )
+    comps = comps[:: args.every]  # every k-th: a subsample that keeps the mix of N and categories
     if args.limit:
         comps = comps[: args.limit]
     methods = front_methods() if args.front else MAIN_METHODS
@@ -84,6 +93,7 @@ def run(args) -> dict:
         "sizes": args.n,
         "seeds": args.seeds,
         "limit": args.limit,
+        "every": args.every,
         "methods": {k: [v[0], v[1], v[2]] for k, v in methods.items()},
         **defaults,
     }
@@ -94,9 +104,11 @@ def run(args) -> dict:
         lambda entry: Path(base.lora_ids[entry.id]["file"]),
     )
     try:
-        run_sweep(args.out, settings, jobs, generate, progress=not args.quiet)
+        summary = run_sweep(args.out, settings, jobs, generate, progress=not args.quiet)
     finally:
         generate.close()
+    if not summary.complete:  # a shard (RANK/WORLD_SIZE) done before the others: the last one scores
+        return None
     score_run(args.out, progress=not args.quiet)
     return aggregate(Path(args.out), list(methods))
 
@@ -169,16 +181,14 @@ def plots(result: dict, out: Path, front: bool) -> list[Path]:
         overall = [r for r in result["rows"] if r["n"] == "all"]
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in overall:
-            marker = (
-                "s" if not r["method"].startswith("cmlora") else ("o" if r["method"].endswith("b1") else "^")
-            )
+            marker = "s" if not r["method"].startswith("cmlora") else ("o" if "-L1" in r["method"] else "^")
             ax.scatter(r["gmacs"], r["recall"], marker=marker)
             ax.annotate(
                 r["method"], (r["gmacs"], r["recall"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
             )
         ax.set_xlabel("UNet GMAC per image")
         ax.set_ylabel("concept recall (all N)")
-        ax.set_title("Mini world: quality vs cost (o: cache block 1, ^: block 0)")
+        ax.set_title("Mini world: quality vs cost (^: cache point L0 b0, o: L1 b0, s: baselines)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out / "front.png"
@@ -196,12 +206,20 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=MINI_STEPS)
     parser.add_argument("--limit", type=int, default=0, help="only the first LIMIT compositions (0: all)")
     parser.add_argument(
+        "--every", type=int, default=1, help="only every EVERY-th composition (a stratified subsample)"
+    )
+    parser.add_argument(
         "--front", action="store_true", help="cache-setting front instead of the method table"
     )
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.every < 1:
+        parser.error(f"--every must be >= 1, got {args.every}")
     result = run(args)
+    if result is None:
+        print("this shard is done; the last shard to finish scores the run and writes the table")
+        return 0
     out = Path(args.out)
     (out / "quality.json").write_text(json.dumps(result, indent=1))
     table = markdown(result)

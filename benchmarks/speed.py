@@ -36,11 +36,49 @@ METHODS = {
 }
 
 
-def sd15_pipeline(dtype: torch.dtype):
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+def clip_l():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from cmlora.tiny import _scheduler, tiny_tokenizer
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+        )
+    )
+
+
+def sd_vae(sample_size: int, scaling_factor: float, force_upcast: bool):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+        force_upcast=force_upcast,
+    )
+
+
+def tokenizer_77():
+    from cmlora.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.model_max_length = 77  # the real CLIP context length: same compute as the real tokenizer
+    return tokenizer
+
+
+def sd15_pipeline(dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from cmlora.tiny import _scheduler
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -52,32 +90,10 @@ def sd15_pipeline(dtype: torch.dtype):
         cross_attention_dim=768,
         attention_head_dim=8,
     )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-        )
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
-    tokenizer = tiny_tokenizer()
-    tokenizer.model_max_length = 77
     pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
+        vae=sd_vae(512, 0.18215, force_upcast=False),
+        text_encoder=clip_l(),
+        tokenizer=tokenizer_77(),
         unet=unet,
         scheduler=_scheduler(),
         safety_checker=None,
@@ -88,10 +104,10 @@ def sd15_pipeline(dtype: torch.dtype):
 
 
 def sdxl_pipeline(dtype: torch.dtype):
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from cmlora.tiny import _scheduler, tiny_tokenizer
+    from cmlora.tiny import _scheduler
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -108,18 +124,7 @@ def sdxl_pipeline(dtype: torch.dtype):
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )
-    te1 = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-        )
-    )
-    te2 = CLIPTextModelWithProjection(
+    bigg = CLIPTextModelWithProjection(
         CLIPTextConfig(
             vocab_size=49408,
             hidden_size=1280,
@@ -131,24 +136,12 @@ def sdxl_pipeline(dtype: torch.dtype):
             hidden_act="gelu",
         )
     )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=1024,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
-    tok1, tok2 = tiny_tokenizer(), tiny_tokenizer()
-    tok1.model_max_length = tok2.model_max_length = 77
     pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=te1,
-        text_encoder_2=te2,
-        tokenizer=tok1,
-        tokenizer_2=tok2,
+        vae=sd_vae(1024, 0.13025, force_upcast=True),
+        text_encoder=clip_l(),
+        text_encoder_2=bigg,
+        tokenizer=tokenizer_77(),
+        tokenizer_2=tokenizer_77(),
         unet=unet,
         scheduler=_scheduler(),
     )

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -214,3 +215,17 @@ def test_fft_writes_one_figure_and_scores(tmp_path, capsys):
     }
     assert scores["noise.png"] > 0.5 > 0.1 > scores["smooth.png"]
     assert (tmp_path / "spectra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_per_lora_intervals(sd15_loras, tmp_path):
+    first, second = (Path(p).stem for p in sd15_loras[:2])
+    argv = ["generate", "--base", "tiny-sd15", "--lora", str(sd15_loras[0]), "--lora", str(sd15_loras[1])]
+    argv += ["--method", "cmlora", "--intervals", f"{first}=1,{second}=4", "--prompt", "x", "--steps", "4"]
+    argv += ["--size", "16x16", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["options"]["intervals"] == {first: 1, second: 4}
+    # the second LoRA's refreshes are offset by its position (spread): steps 0, 1, 5, ...
+    assert [step["full"] for step in record["trace"]] == [[first, second], [first, second], [first], [first]]
+    with pytest.raises(SystemExit):
+        main([*argv[:-3], "--intervals", "oops", "--out", str(tmp_path), "--quiet"])

@@ -1,6 +1,7 @@
 """LoRA files: every layout lands, every bad file is a clear error and leaves the pipeline unchanged."""
 
 import json
+import math
 import struct
 
 import numpy as np
@@ -18,8 +19,19 @@ from cmlora.tiny import random_lora_state_dict
 
 
 def _img(pipe, paths, **kw):
-    r = compose(pipe, [LoRA(p) for p in paths], method="merge" if paths else "none", prompt="red hair", num_inference_steps=2,
-                guidance_scale=4.0, height=16, width=16, seed=1, progress=False, **kw)
+    r = compose(
+        pipe,
+        [LoRA(p) for p in paths],
+        method="merge" if paths else "none",
+        prompt="red hair",
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        height=16,
+        width=16,
+        seed=1,
+        progress=False,
+        **kw,
+    )
     return np.asarray(r.images[0])
 
 
@@ -34,6 +46,22 @@ def test_kohya_diffusers_and_peft_layouts_give_the_same_image(sd15, tmp_path):
     images = [_img(sd15, [tmp_path / f"{n}.safetensors"]) for n in "kdp"]
     assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
     assert not np.array_equal(images[0], _img(sd15, []))
+
+
+@pytest.mark.parametrize("which", ["sd15", "sdxl"])
+def test_diffusers_layout_with_text_encoders_lands_like_kohya(request, which, tmp_path):
+    """Text-encoder weights in the diffusers layout (text_encoder.*, text_encoder_2.*) land on the
+    same layers as kohya's lora_te*_ keys: every pair resolves, and the images are identical."""
+    pipe = request.getfixturevalue(which)
+    paths = {}
+    for fmt in ("kohya", "diffusers"):
+        paths[fmt] = tmp_path / f"{fmt}.safetensors"
+        save_file(random_lora_state_dict(pipe, rank=3, seed=5, fmt=fmt), str(paths[fmt]))
+    dotted = read_lora_file(paths["diffusers"])
+    expected = {"unet", "text_encoder"} | ({"text_encoder_2"} if which == "sdxl" else set())
+    assert dotted.components == expected
+    assert len(resolve(dotted, pipe)) == len(dotted.modules) == len(read_lora_file(paths["kohya"]).modules)
+    assert np.array_equal(_img(pipe, [paths["kohya"]]), _img(pipe, [paths["diffusers"]]))
 
 
 def test_every_kohya_key_lands_including_text_encoder(sd15, sd15_loras):
@@ -85,6 +113,7 @@ def _write_raw(path, header: dict, data: bytes = b"") -> None:
 
 
 def _bad_files(sd15, sdxl, tmp_path):
+    """(bad files by case, the keys each case's message must name: the file's own keys at fault)."""
     good = random_lora_state_dict(sd15, rank=2, seed=0, text_encoder=False)
     key = next(k for k in good if k.endswith("lora_down.weight"))
     cases = {}
@@ -97,12 +126,32 @@ def _bad_files(sd15, sdxl, tmp_path):
     save("sdxl_on_sd15", random_lora_state_dict(sdxl, rank=2, seed=0, text_encoder=False))
     save("lycoris", {"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)})
     save("nan", {**good, key: torch.full_like(good[key], float("nan"))})
+    save("inf", {**good, key: torch.full_like(good[key], float("-inf"))})
     save("rank_mismatch", {**good, key: good[key][:1]})
     save("unknown_key", {**good, "something_else.weight": torch.zeros(2)})
-    save("unmatched", {**good, "lora_unet_no_such_layer.lora_down.weight": torch.zeros(2, 4),
-                       "lora_unet_no_such_layer.lora_up.weight": torch.zeros(4, 2)})
+    save(
+        "unmatched",
+        {
+            **good,
+            "lora_unet_no_such_layer.lora_down.weight": torch.zeros(2, 4),
+            "lora_unet_no_such_layer.lora_up.weight": torch.zeros(4, 2),
+        },
+    )
     save("int_dtype", {**good, key: torch.zeros_like(good[key], dtype=torch.int32)})
     save("empty", {})
+    # the same layer twice, spelled lora_A/B and lora.down/up: one pair would silently replace the other
+    dotted = random_lora_state_dict(sd15, rank=2, seed=0, fmt="diffusers", text_encoder=False)
+    a_key = next(k for k in dotted if k.endswith(".lora_A.weight"))
+    stem = a_key[: -len(".lora_A.weight")]
+    save(
+        "duplicate_target",
+        {
+            **dotted,
+            stem + ".lora.down.weight": dotted[a_key].clone(),
+            stem + ".lora.up.weight": dotted[stem + ".lora_B.weight"].clone(),
+        },
+    )
+    save("alpha_not_scalar", {**dotted, stem + ".alpha": torch.zeros(0)})
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(cases["nan"].read_bytes()[:-100])
     cases["truncated"] = truncated
@@ -122,13 +171,27 @@ def _bad_files(sd15, sdxl, tmp_path):
     pickle = tmp_path / "model.ckpt"
     torch.save(good, pickle)
     cases["pickle"] = pickle
-    return cases
+    keys = {
+        "lycoris": ["lora_unet_x.hada_w1_a"],
+        "nan": [key],
+        "inf": [key],
+        "rank_mismatch": [key],
+        "unknown_key": ["something_else.weight"],
+        "unmatched": ["no_such_layer"],
+        "int_dtype": [key],
+        "duplicate": ["'a'"],
+        "absurd_shape": ["'a'"],
+        "duplicate_target": [stem + ".lora.down.weight", a_key],
+        "alpha_not_scalar": [stem + ".alpha"],
+    }
+    return cases, keys
 
 
 EXPECTED = {
     "sdxl_on_sd15": "another base",
     "lycoris": "LyCORIS",
     "nan": "NaN",
+    "inf": "NaN or Inf",
     "rank_mismatch": "ranks do not match",
     "unknown_key": "not part of any down/up pair",
     "unmatched": "match no layer",
@@ -140,11 +203,13 @@ EXPECTED = {
     "duplicate": "duplicated key",
     "absurd_shape": "absurd shape",
     "pickle": "pickle",
+    "duplicate_target": "target the same layer",
+    "alpha_not_scalar": "alpha must be a scalar",
 }
 
 
 def test_each_bad_file_is_a_clear_error_and_the_pipeline_is_untouched(sd15, sdxl, sd15_loras, tmp_path):
-    cases = _bad_files(sd15, sdxl, tmp_path)
+    cases, keys = _bad_files(sd15, sdxl, tmp_path)
     assert set(cases) == set(EXPECTED)
     before = pipeline_state(sd15)
     for name, path in cases.items():
@@ -154,6 +219,8 @@ def test_each_bad_file_is_a_clear_error_and_the_pipeline_is_untouched(sd15, sdxl
         message = str(info.value)
         assert EXPECTED[name] in message, (name, message)
         assert str(path) in message, (name, message)
+        for key in keys.get(name, []):
+            assert key in message, (name, key, message)
     assert_same_state(before, pipeline_state(sd15))
 
 
@@ -161,7 +228,9 @@ def test_pickle_allowed_explicitly(sd15, tmp_path):
     path = tmp_path / "old.pt"
     torch.save(random_lora_state_dict(sd15, rank=2, seed=3, text_encoder=False), path)
     img = _img(sd15, [path], allow_pickle=True)
-    save_file(random_lora_state_dict(sd15, rank=2, seed=3, text_encoder=False), str(tmp_path / "new.safetensors"))
+    save_file(
+        random_lora_state_dict(sd15, rank=2, seed=3, text_encoder=False), str(tmp_path / "new.safetensors")
+    )
     assert np.array_equal(img, _img(sd15, [tmp_path / "new.safetensors"]))
 
 
@@ -183,11 +252,37 @@ def test_partial_load_warns(sd15, tmp_path):
         (lambda p: [LoRA(p[0], weight=-1)], "weight"),
         (lambda p: [LoRA(p[0], category="scenery")], "category"),
         (lambda p: [LoRA(p[0], name="../evil")], "safe adapter name"),
+        (lambda p: [LoRA(p[0], name="a"), LoRA(p[0], name="b")], "same LoRA file is listed twice"),
+        (lambda p: [], "needs at least one LoRA"),
+        (lambda p: [LoRA(p[0], weight=0), LoRA(p[1], weight=0.0)], "weights of the composition sum to 0"),
     ],
 )
 def test_bad_lora_options(sd15, sd15_loras, loras, fragment):
+    before = pipeline_state(sd15)
     with pytest.raises(OptionError, match=fragment):
         compose(sd15, loras(sd15_loras), prompt="x", num_inference_steps=1, progress=False)
+    assert_same_state(before, pipeline_state(sd15))
+
+
+@pytest.mark.parametrize("method", ["composite", "cmlora"])
+def test_all_zero_weights_refused_before_any_work(sd15, sd15_loras, monkeypatch, method):
+    import cmlora.api
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the prompt was encoded: work started before the options were checked")
+
+    monkeypatch.setattr(cmlora.api, "encode_prompt", no_work)
+    with pytest.raises(OptionError, match="sum to 0"):
+        compose(
+            sd15,
+            [LoRA(p, weight=0) for p in sd15_loras[:2]],
+            method=method,
+            prompt="x",
+            num_inference_steps=2,
+            height=16,
+            width=16,
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize(
@@ -200,6 +295,8 @@ def test_bad_lora_options(sd15, sd15_loras, loras, fragment):
         ({"method": "cmlora", "variant": "weird"}, "variant"),
         ({"method": "blend"}, "unknown method"),
         ({"tau": 0, "method": "switch"}, "tau"),
+        ({"lora_scale": "a"}, "lora_scale must be a finite number >= 0, got 'a'"),
+        ({"lora_scale": -1.0}, "lora_scale"),
     ],
 )
 def test_bad_generation_options_fail_before_work(sd15, sd15_loras, kwargs, fragment):
@@ -217,12 +314,16 @@ def test_bad_generation_options_fail_before_work(sd15, sd15_loras, kwargs, fragm
         st.dictionaries(
             st.text(max_size=8),
             st.one_of(
-                st.none(), st.integers(), st.text(max_size=5),
-                st.fixed_dictionaries({
-                    "dtype": st.sampled_from(["F32", "F16", "I8", "X9", ""]),
-                    "shape": st.lists(st.integers(min_value=-3, max_value=10**7), max_size=4),
-                    "data_offsets": st.lists(st.integers(min_value=-5, max_value=10**6), max_size=3),
-                }),
+                st.none(),
+                st.integers(),
+                st.text(max_size=5),
+                st.fixed_dictionaries(
+                    {
+                        "dtype": st.sampled_from(["F32", "F16", "I8", "X9", ""]),
+                        "shape": st.lists(st.integers(min_value=-3, max_value=10**7), max_size=4),
+                        "data_offsets": st.lists(st.integers(min_value=-5, max_value=10**6), max_size=3),
+                    }
+                ),
             ),
             max_size=4,
         ),
@@ -238,6 +339,53 @@ def test_fuzz_reader_only_raises_its_own_errors(tmp_path_factory, header, data, 
     try:
         check_safetensors_header(path)
         read_lora_file(path)
+    except LoRAFileError:
+        pass
+
+
+_FUZZ_STEMS = (
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+    "lora_unet_conv_in",
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "base_model.model.conv_in",
+    "x",
+)
+_FUZZ_PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"))
+_FUZZ_EXTRAS = (".alpha", ".lora.alpha", ".lora_up.weight", ".lora_B.weight", ".hada_w1_a", "")
+_FUZZ_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    stems=st.lists(st.sampled_from(_FUZZ_STEMS), min_size=1, max_size=2, unique=True),
+    pair=st.sampled_from(_FUZZ_PAIRS),
+    extras=st.lists(st.sampled_from(_FUZZ_EXTRAS), max_size=2, unique=True),
+    data=st.data(),
+)
+def test_fuzz_contents_only_raise_its_own_errors(sd15, tmp_path_factory, stems, pair, extras, data):
+    """Well-formed files of down/up pairs (LoRA key spellings, near-miss shapes, any bytes: NaN too)
+    plus stray keys: reading them and resolving them against a pipeline raises only LoRAFileError."""
+    dims, floats = st.sampled_from([0, 1, 2, 3, 4, 16, 32]), st.sampled_from(["F32", "F32", "F16", "BF16"])
+    shapes = {}
+    for stem in stems:
+        rank = data.draw(st.sampled_from([1, 2, 3]))
+        kernel = data.draw(st.sampled_from([[], [1, 1], [3, 3]]))
+        shapes[stem + pair[0]] = (data.draw(floats), [rank, data.draw(dims), *kernel])
+        shapes[stem + pair[1]] = (data.draw(floats), [data.draw(dims), rank, *([1, 1] if kernel else [])])
+        for suffix in extras:
+            any_dtype = st.sampled_from(sorted(_FUZZ_DTYPES))
+            shapes.setdefault(stem + suffix, (data.draw(any_dtype), data.draw(st.lists(dims, max_size=3))))
+    header, offset = {}, 0
+    for key, (dtype, shape) in shapes.items():
+        size = math.prod(shape) * _FUZZ_DTYPES[dtype]
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    fill = data.draw(st.binary(min_size=1, max_size=16))
+    path = tmp_path_factory.mktemp("fuzz") / "c.safetensors"
+    _write_raw(path, header, (fill * (offset // len(fill) + 1))[:offset])
+    try:
+        resolve(read_lora_file(path), sd15)
     except LoRAFileError:
         pass
 

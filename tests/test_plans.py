@@ -188,3 +188,44 @@ def test_composition_errors():
         comp(["a", "a"], 3)
     with pytest.raises(OptionError, match="at least one LoRA"):
         build_method("composite", comp([], 3))
+
+
+def test_cmlora_async_exact_plan():
+    """Every step's full/cached split and weights: refreshes every c = 3 steps (offsets spread),
+    dominance on its own cadence of 4 steps, w decaying from 2.5 to 1 + 1.5 * 0.5 after the change."""
+    plans = build_method("cmlora", comp(["a", "b", "c"], 12), "async", async_interval=4).plans()
+    assert [p.full for p in plans] == [("a", "b", "c")] + [("b",), ("c",), ("a",)] * 3 + [("b",), ("c",)]
+    assert [set(p.full) | set(p.cached) for p in plans] == [{"a", "b", "c"}] * 12
+    assert all(
+        c.mode in ("full", "cached") and c.adapters == ((c.cache_key, 1.0),) for p in plans for c in p.calls
+    )
+    early, late = dominance_weights(3, 2.5), dominance_weights(3, 1.75)
+    assert [p.weights for p in plans[:4]] == [pytest.approx((early[0], early[1], early[1]))] * 4
+    assert [p.weights for p in plans[4:]] == [pytest.approx((late[1], late[0], late[1]))] * 8
+
+
+def test_cmlora_online_exact_plan():
+    """The online variant's full calls follow the per-LoRA intervals (H every 3, L every 6) whatever
+    the statistic does; only dominance follows it, with constant w = N - 0.5."""
+    c = comp(["a", "b", "bg"], 9, {"bg": "background"})
+    stats = [0.9, 0.8, 0.7, 0.5, 0.3, 0.2, 0.1, 0.1, 0.1]
+    plans = build_method("cmlora", c, "online", cache_interval=3, threshold=0.4).plans(
+        [StepState(high_frequency=s) for s in stats]
+    )
+    assert [p.full for p in plans] == [
+        ("a", "b", "bg"),
+        ("b",),
+        ("bg",),
+        ("a",),
+        ("b",),
+        (),
+        ("a",),
+        ("b",),
+        ("bg",),
+    ]
+    assert [p.cached for p in plans][5] == ("a", "b", "bg")
+    dom, other = dominance_weights(3, 2.5)
+    assert [p.weights for p in plans] == [pytest.approx((dom, other, other))] * 3 + [
+        pytest.approx((other, dom, other))
+    ] * 6
+    assert [p.info["high_frequency"] for p in plans] == stats

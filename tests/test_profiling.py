@@ -230,12 +230,40 @@ def test_profile_conflicts_are_refused(sd15, sd15_loras, tmp_path):
     from cmlora.profiling import profile_loras
 
     loras = [LoRA(p) for p in sd15_loras[:2]]
-    pf = profile_loras(sd15, loras, prompt="red", base_prompt="", negative_prompt=None, seeds=[0], steps=1,
-                       guidance_scale=2.0, height=16, width=16, base_name="tiny", progress=False)
+    pf = profile_loras(
+        sd15,
+        loras,
+        prompt="red",
+        base_prompt="",
+        negative_prompt=None,
+        seeds=[0],
+        steps=1,
+        guidance_scale=2.0,
+        height=16,
+        width=16,
+        base_name="tiny",
+        progress=False,
+    )
     with Composer(sd15, loras) as c:
         with pytest.raises(OptionError, match="conflicts"):
-            c.generate(prompt="red", method="cmlora", profile=pf, high=[loras[0].adapter], low=[loras[1].adapter],
-                       num_inference_steps=1, height=16, width=16, progress=False)
+            c.generate(
+                prompt="red",
+                method="cmlora",
+                profile=pf,
+                high=[loras[0].adapter],
+                low=[loras[1].adapter],
+                num_inference_steps=1,
+                height=16,
+                width=16,
+                progress=False,
+            )
         with pytest.raises(OptionError, match="cmlora only"):
-            c.generate(prompt="red", method="composite", profile=pf, num_inference_steps=1, height=16, width=16,
-                       progress=False)
+            c.generate(
+                prompt="red",
+                method="composite",
+                profile=pf,
+                num_inference_steps=1,
+                height=16,
+                width=16,
+                progress=False,
+            )

@@ -23,6 +23,7 @@ from .methods import Composition, Method, build_method, method_label
 from .plans import StepPlan
 from .records import library_versions
 from .sampler import Conditioning, decode, denoise, encode_prompt
+from .unet_cache import default_cache_block
 
 MAX_SEED = 2**63 - 1
 
@@ -97,12 +98,16 @@ class Composer:
             raise OptionError(f"profile= sets the LoRA order of method cmlora only (method is {method!r})")
         given = sorted(set(options) & {"order", "high", "low"})
         if given:
-            raise OptionError(f"profile= conflicts with {given}: give either a profile or an explicit order/partition")
+            raise OptionError(
+                f"profile= conflicts with {given}: give either a profile or an explicit order/partition"
+            )
         from .profiles import ProfileFile
 
         pf = profile if isinstance(profile, ProfileFile) else ProfileFile.load(profile)
         threshold = pf.settings.get("threshold")
-        threshold = threshold if isinstance(threshold, int | float) and not isinstance(threshold, bool) else None
+        threshold = (
+            threshold if isinstance(threshold, int | float) and not isinstance(threshold, bool) else None
+        )
         _, high, low = pf.order_for({name: f.sha256 for name, f in self.files.items()}, threshold=threshold)
         return {**options, "high": list(high), "low": list(low)}
 
@@ -145,9 +150,20 @@ class Composer:
             raise OptionError(
                 f"num_inference_steps must be an integer in [1, 1000], got {num_inference_steps!r}"
             )
+        if (
+            isinstance(lora_scale, bool)
+            or not isinstance(lora_scale, int | float)
+            or not math.isfinite(lora_scale)
+            or lora_scale < 0
+        ):
+            raise OptionError(f"lora_scale must be a finite number >= 0, got {lora_scale!r}")
         if method == "cmlora" and variant is None:
             variant = "offline"
         options = self._profile_options(profile, method, options)
+        if method in ("cmlora", "composite") and "cache_block" not in options:
+            layer = options.get("cache_layer", 0)
+            if isinstance(layer, int):  # a bad layer is reported by the method's own checks
+                options["cache_block"] = default_cache_block(pipe.unet, layer)
         batch = _default_batching(pipe) if batch_calls is None else bool(batch_calls)
         comp = self._composition(num_inference_steps, float(lora_scale))
         build_method(method, comp, variant, **options)  # validate every option before any work

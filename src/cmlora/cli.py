@@ -21,7 +21,24 @@ METHOD_LABELS = (
     "cmlora-reference",
 )
 
+
 # Method options exposed as flags: (flag, option name, type, help)
+def _parse_intervals(text: str) -> dict[str, int]:
+    """NAME=C[,NAME=C...]: per-LoRA cache refresh intervals (cmlora's non-uniform caching)."""
+    intervals: dict[str, int] = {}
+    for item in (part.strip() for part in text.split(",")):
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            intervals[name.strip()] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"intervals must look like char=3,bg=6 (LoRA name = steps), got {text!r}"
+            ) from None
+    return intervals
+
+
 METHOD_FLAGS = (
     ("--tau", "tau", int, "switch: steps per active LoRA (default 5)"),
     ("--w-dom", "w_dom", float, "cmlora: dominant-LoRA coefficient w (default N - 0.5)"),
@@ -38,8 +55,19 @@ METHOD_FLAGS = (
         int,
         "cmlora: low-frequency LoRAs refresh every factor*c",
     ),
+    (
+        "--intervals",
+        "intervals",
+        _parse_intervals,
+        "cmlora: per-LoRA refresh intervals NAME=C,... (override c and factor*c for those LoRAs)",
+    ),
     ("--cache-layer", "cache_layer", int, "cache point: down-block level (default 0)"),
-    ("--cache-block", "cache_block", int, "cache point: block inside the level (0 cheaper, 1 default)"),
+    (
+        "--cache-block",
+        "cache_block",
+        int,
+        "cache point: block inside the level (0 cheaper; default 1, or 0 where the level has one block)",
+    ),
     ("--phase-fraction", "phase_fraction", float, "cmlora offline/async: phase switch as fraction of steps"),
     (
         "--threshold",
@@ -154,6 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.num_images < 1:
         raise OptionError(f"--num-images must be >= 1, got {args.num_images}")
+    profile = args.profile or base.default_profile(method, [lora.path for lora in loras], options)
     with Composer(
         base.pipe, loras, allow_partial=args.allow_partial, allow_pickle=args.allow_pickle
     ) as composer:
@@ -166,12 +195,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 variant=variant,
                 negative_prompt=negative,
                 num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
+                guidance_scale=base.guidance if args.guidance is None else args.guidance,
                 height=height,
                 width=width,
                 seed=args.seed + k,
                 lora_scale=args.lora_scale,
-                profile=args.profile,
+                profile=profile,
                 research=args.research,
                 progress=not args.quiet,
                 **options,
@@ -384,7 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     gen.add_argument(
-        "--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default 7.5; the mini model's 5)",
     )
     gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
     gen.add_argument("--num-images", type=int, default=1)

@@ -86,13 +86,15 @@ class LoRA:
 
 @dataclass
 class LoRAModuleWeights:
-    """One down/up pair of a file, with the key it came from (for error messages)."""
+    """One down/up pair of a file: ``key`` names the target module (for resolution), ``source`` the
+    file's own down-weight key (for error messages, so users can find it in the file)."""
 
     component: str
     key: str
     down: torch.Tensor
     up: torch.Tensor
     alpha: float | None
+    source: str = ""
 
     @property
     def rank(self) -> int:
@@ -290,16 +292,17 @@ def _pair_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> list[LoRAModule
             )
         alpha = None
         if alpha_key in tensors:
-            alpha_t = tensors[alpha_key]
-            if alpha_t.numel() != 1:
-                raise LoRAFileError(
-                    path, f"alpha must be a scalar, got shape {list(alpha_t.shape)}", key=alpha_key
-                )
-            alpha = float(alpha_t.item())
+            alpha = _scalar_alpha(path, tensors[alpha_key], alpha_key)
             used.add(alpha_key)
         modules.append(
             _checked_pair(
-                path, _COMPONENT_PREFIXES[prefix], stem[len(prefix) :], tensors[key], tensors[up_key], alpha
+                path,
+                _COMPONENT_PREFIXES[prefix],
+                stem[len(prefix) :],
+                tensors[key],
+                tensors[up_key],
+                alpha,
+                key,
             )
         )
         used.update({key, up_key})
@@ -329,9 +332,11 @@ def _pair_dotted(path: Path, tensors: dict[str, torch.Tensor]) -> list[LoRAModul
         alpha = None
         for alpha_key in (stem + ".alpha", stem + ".lora.alpha"):
             if alpha_key in tensors:
-                alpha = float(tensors[alpha_key].reshape(-1)[0].item())
+                if alpha is not None:
+                    raise LoRAFileError(path, "a second alpha for the same pair", key=alpha_key)
+                alpha = _scalar_alpha(path, tensors[alpha_key], alpha_key)
                 used.add(alpha_key)
-        modules.append(_checked_pair(path, component, module, tensors[key], tensors[up_key], alpha))
+        modules.append(_checked_pair(path, component, module, tensors[key], tensors[up_key], alpha, key))
         used.update({key, up_key})
     if not modules:
         raise LoRAFileError(
@@ -344,23 +349,35 @@ def _pair_dotted(path: Path, tensors: dict[str, torch.Tensor]) -> list[LoRAModul
     return modules
 
 
+def _scalar_alpha(path: Path, tensor: torch.Tensor, key: str) -> float:
+    if tensor.numel() != 1:
+        raise LoRAFileError(path, f"alpha must be a scalar, got shape {list(tensor.shape)}", key=key)
+    return float(tensor.reshape(()).item())
+
+
 def _checked_pair(
-    path: Path, component: str, module: str, down: torch.Tensor, up: torch.Tensor, alpha: float | None
+    path: Path,
+    component: str,
+    module: str,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    alpha: float | None,
+    source: str,
 ) -> LoRAModuleWeights:
     if down.dim() not in (2, 4) or up.dim() not in (2, 4):
         raise LoRAFileError(
-            path, f"down {list(down.shape)} / up {list(up.shape)} must be 2-D or 4-D", key=module
+            path, f"down {list(down.shape)} / up {list(up.shape)} must be 2-D or 4-D", key=source
         )
     rank = down.shape[0]
     if not 0 < rank <= MAX_RANK or up.shape[1] != rank:
         raise LoRAFileError(
-            path, f"ranks do not match: down {list(down.shape)} vs up {list(up.shape)}", key=module
+            path, f"ranks do not match: down {list(down.shape)} vs up {list(up.shape)}", key=source
         )
     if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
-        raise LoRAFileError(path, f"up weight must be 1x1, got {list(up.shape)}", key=module)
+        raise LoRAFileError(path, f"up weight must be 1x1, got {list(up.shape)}", key=source)
     if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
-        raise LoRAFileError(path, f"alpha must be a positive finite number, got {alpha}", key=module)
-    return LoRAModuleWeights(component=component, key=module, down=down, up=up, alpha=alpha)
+        raise LoRAFileError(path, f"alpha must be a positive finite number, got {alpha}", key=source)
+    return LoRAModuleWeights(component=component, key=module, down=down, up=up, alpha=alpha, source=source)
 
 
 def _refuse_leftovers(path: Path, tensors: dict[str, torch.Tensor], used: set[str]) -> None:
@@ -459,8 +476,11 @@ def _sgm_to_diffusers(keys: list[str], unet: torch.nn.Module) -> dict[str, str]:
     mapped = _maybe_map_sgm_blocks_to_diffusers({"lora_unet_" + k: k for k in rest}, unet.config)
     for new_key, old_key in mapped.items():
         new = new_key[len("lora_unet_") :]
-        for sgm, diff in (("input_blocks_", "down_blocks_"), ("middle_block_", "mid_block_"),
-                          ("output_blocks_", "up_blocks_")):
+        for sgm, diff in (
+            ("input_blocks_", "down_blocks_"),
+            ("middle_block_", "mid_block_"),
+            ("output_blocks_", "up_blocks_"),
+        ):
             new = new.replace(sgm, diff)
         for sgm, diff in _SGM_INNER.items():
             new = new.replace(sgm, diff)
@@ -473,6 +493,7 @@ def resolve(lora_file: LoRAFile, pipe: object, allow_partial: bool = False) -> l
     """Find the target module of every pair and check shapes; raise before touching anything."""
     resolved: list[ResolvedModule] = []
     unmatched: list[str] = []
+    claimed: dict[tuple[str, str], str] = {}
     for component in sorted(lora_file.components):
         model = getattr(pipe, component, None)
         entries = [m for m in lora_file.modules if m.component == component]
@@ -495,6 +516,15 @@ def resolve(lora_file: LoRAFile, pipe: object, allow_partial: bool = False) -> l
                 unmatched.append(f"{component}:{entry.key}")
                 continue
             _check_shapes(lora_file.path, entry, modules[target_name], target_name)
+            # two pairs on one layer (e.g. ``lora_A`` and ``lora.down`` spellings of it): installing
+            # both would silently keep only the last, so part of the file would never land
+            first = claimed.setdefault((component, target_name), entry.source or entry.key)
+            if first != (entry.source or entry.key):
+                raise LoRAFileError(
+                    lora_file.path,
+                    f"two LoRA pairs target the same layer {component}.{target_name}: {first!r} and this one",
+                    key=entry.source or entry.key,
+                )
             resolved.append(ResolvedModule(component, target_name, entry))
     if unmatched and not (allow_partial and resolved):
         shown = ", ".join(unmatched[:10]) + (f" (+{len(unmatched) - 10} more)" if len(unmatched) > 10 else "")
@@ -554,5 +584,5 @@ def _check_shapes(path: Path, entry: LoRAModuleWeights, module: torch.nn.Module,
             path,
             f"shapes down {list(down.shape)} / up {list(up.shape)} do not fit layer {name} "
             f"(expects {expected}): the LoRA was made for another base model",
-            key=entry.key,
+            key=entry.source or entry.key,
         )

@@ -35,6 +35,22 @@ class BaseModel:
     """LoRAs known by id (the mini world's), with file, category and triggers."""
     base_prompt: str = ""
     negative_prompt: str | None = None
+    guidance: float = 7.5
+    """Default classifier-free guidance scale for this model."""
+    profile: str | None = None
+    """The shipped frequency profile of ``lora_ids`` (the mini world's), if any."""
+
+    def default_profile(self, method: str, lora_files, options: dict) -> str | None:
+        """The shipped profile, for a cmlora composition made only of this model's own LoRAs.
+
+        It orders the LoRAs it was measured on; any other file (or an explicit order/partition,
+        which the user chose on purpose) means no default, so CMLoRA falls back to categories.
+        """
+        if self.profile is None or method != "cmlora" or {"order", "high", "low"} & set(options):
+            return None
+        known = {Path(entry["file"]).resolve() for entry in self.lora_ids.values()}
+        files = [Path(f).resolve() for f in lora_files]
+        return self.profile if files and all(f in known for f in files) else None
 
 
 def pick_device(device: str) -> str:
@@ -118,12 +134,15 @@ def _load_mini(device: str, dtype: torch.dtype) -> BaseModel:
                 "triggers": list(entry["trigger"]),
             }
     prompts = mini.prompts()
+    profile = Path(mini.profile_path())
     return BaseModel(
         pipe,
         "mini",
         lora_ids=ids,
         base_prompt=prompts["prompt"],
         negative_prompt=prompts.get("negative_prompt"),
+        profile=str(profile) if profile.is_file() else None,
+        guidance=mini.GUIDANCE,
     )
 
 

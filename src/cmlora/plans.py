@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .errors import OptionError
+
 CallMode = Literal["plain", "full", "cached"]
 """plain: the UNet's own forward; full: split forward storing the LoRA's cache entry;
 cached: shallow part only, deep feature from the LoRA's entry."""
@@ -82,7 +84,7 @@ def mix_weights(
     raw = [(dom if name == dominant else other) * user_weights[name] for name in names]
     total = sum(raw)
     if total <= 0:
-        raise ValueError("user weights of the composition sum to 0: give at least one LoRA a weight > 0")
+        raise OptionError("user weights of the composition sum to 0: give at least one LoRA a weight > 0")
     return tuple(r / total for r in raw)
 
 

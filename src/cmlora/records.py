@@ -49,9 +49,24 @@ def record_json(record: dict) -> str:
     return json.dumps(json_safe(record), indent=1, allow_nan=False)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _fsync_dir(path: Path) -> None:
+    """Make the rename itself durable (power loss right after os.replace)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: never a half file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -62,9 +77,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
         raise
+    _fsync_dir(path.parent)
 
 
 def png_bytes(image, record: dict) -> bytes:

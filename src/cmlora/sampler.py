@@ -75,7 +75,9 @@ class CallExecutor:
     execution is the same code with groups of one.
     """
 
-    def __init__(self, pipe, adapters: AdapterSet, macs: MacCounter, point: CachePoint | None, research: bool):
+    def __init__(
+        self, pipe, adapters: AdapterSet, macs: MacCounter, point: CachePoint | None, research: bool
+    ):
         self.unet = pipe.unet
         self.adapters = adapters
         self.macs = macs
@@ -83,7 +85,9 @@ class CallExecutor:
         self.cache: dict[str, torch.Tensor] = {}
         self.research = research
 
-    def run(self, calls: list[UNetCall], x: torch.Tensor, t, conds: list[Conditioning], counters: Counters) -> list:
+    def run(
+        self, calls: list[UNetCall], x: torch.Tensor, t, conds: list[Conditioning], counters: Counters
+    ) -> list:
         """Execute calls (all of one mode) in one UNet invocation; returns (eps, similarity) per call."""
         mode = calls[0].mode
         rows = x.shape[0]
@@ -92,12 +96,16 @@ class CallExecutor:
             router.set(calls[0].adapters)
             xb, embeds, added = x, conds[0].embeds, conds[0].added
         else:
-            router.set_rows([RowGroup(slice(k * rows, (k + 1) * rows), c.adapters) for k, c in enumerate(calls)])
+            router.set_rows(
+                [RowGroup(slice(k * rows, (k + 1) * rows), c.adapters) for k, c in enumerate(calls)]
+            )
             xb = torch.cat([x] * len(calls))
             embeds = torch.cat([c.embeds for c in conds])
-            added = None if conds[0].added is None else {
-                key: torch.cat([c.added[key] for c in conds]) for key in conds[0].added
-            }
+            added = (
+                None
+                if conds[0].added is None
+                else {key: torch.cat([c.added[key] for c in conds]) for key in conds[0].added}
+            )
         signature = (mode, tuple(xb.shape), tuple(embeds.shape), tuple(c.adapters for c in calls))
         keys = [c.cache_key or "+".join(n for n, _ in c.adapters) for c in calls]
         similarities: list[float | None] = [None] * len(calls)
@@ -106,17 +114,22 @@ class CallExecutor:
             if mode == "plain":
                 out, macs = self.macs.count(
                     signature,
-                    lambda: self.unet(xb, t, encoder_hidden_states=embeds, added_cond_kwargs=added,
-                                      return_dict=False)[0],
+                    lambda: self.unet(
+                        xb, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False
+                    )[0],
                 )
             else:
                 if self.split is None:
-                    raise RuntimeError("plan asks for a cached/full split call but the method has no cache point")
+                    raise RuntimeError(
+                        "plan asks for a cached/full split call but the method has no cache point"
+                    )
                 entry = None
                 if mode == "cached":
                     missing = [k for k in keys if k not in self.cache]
                     if missing:
-                        raise RuntimeError(f"plan asks for cached calls of {missing} before any full call stored them")
+                        raise RuntimeError(
+                            f"plan asks for cached calls of {missing} before any full call stored them"
+                        )
                     entry = torch.cat([self.cache[k] for k in keys]) if len(keys) > 1 else self.cache[keys[0]]
                 (out, new_entry), macs = self.macs.count(
                     signature, lambda: self.split(xb, t, embeds, added, entry=entry)

@@ -28,6 +28,24 @@ class CachePoint:
     block: int = 1
 
 
+PUBLISHED_BLOCK = 1
+
+
+def max_cache_block(unet: torch.nn.Module, layer: int) -> int | None:
+    """The deepest block of level ``layer`` that can be a cache point, or None for no such level."""
+    downs, ups = unet.down_blocks, unet.up_blocks
+    if not 0 <= layer < len(downs):
+        return None
+    return min(len(downs[layer].resnets) - 1, len(ups[len(ups) - 1 - layer].resnets) - 2)
+
+
+def default_cache_block(unet: torch.nn.Module, layer: int) -> int:
+    """The published block 1, or the deepest block the level has when it has fewer pairs (a UNet
+    with ``layers_per_block=1``, like the mini world's, has block 0 only)."""
+    deepest = max_cache_block(unet, layer)
+    return PUBLISHED_BLOCK if deepest is None or deepest < 0 else min(PUBLISHED_BLOCK, deepest)
+
+
 class UNetSplit:
     def __init__(self, unet: torch.nn.Module, point: CachePoint = CachePoint()):
         self.unet = unet
@@ -45,13 +63,13 @@ class UNetSplit:
         self.down = downs[point.layer]
         self.up_index = len(ups) - 1 - point.layer
         self.up = ups[self.up_index]
-        n_pairs, n_up = len(self.down.resnets), len(self.up.resnets)
-        if not 0 <= point.block <= min(n_pairs - 1, n_up - 2):
+        deepest = max_cache_block(unet, point.layer)
+        if not 0 <= point.block <= deepest:
             raise OptionError(
-                f"cache_block must be in [0, {min(n_pairs - 1, n_up - 2)}] for cache_layer {point.layer} of this "
+                f"cache_block must be in [0, {deepest}] for cache_layer {point.layer} of this "
                 f"UNet, got {point.block}"
             )
-        self.up_start = n_up - (point.block + 2)
+        self.up_start = len(self.up.resnets) - (point.block + 2)
 
     # ------------------------------------------------------------------ pieces
 

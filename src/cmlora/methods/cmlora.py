@@ -121,6 +121,7 @@ class CMLoRA(Method):
         self.text_encoder = check_text_encoder(text_encoder)
         self.high, self.low = resolve_partition(comp, order, high, low, scores)
         self.order = self.high + self.low
+        mix_weights(self.order, comp.weights, None, 1.0)  # all user weights 0: refuse now, not mid-run
         factor = check_int("low_interval_factor", low_interval_factor, 1, 1000)
         self.intervals = {name: self.c for name in self.high} | {name: self.c * factor for name in self.low}
         for name, value in (intervals or {}).items():

@@ -373,6 +373,9 @@ def test_three_methods_all_pairs_and_limit(server: tuple[FakeJudge, str], tmp_pa
         'analysis {"scores": {"image1": {"composition": 7.5, "image": 8}, "image2": {"composition": 3, "image": 10}}}',
         # Earlier prose is superseded by the final JSON block.
         "Image 1: composition 1, image quality 1\n" + _verdict_json((7.5, 8.0), (3.0, 10.0)),
+        # Deductions spelled out: the result after "=" is the score, not the 10 it starts from.
+        "Image 1: composition quality: 10 - 3 + 0.5 = 7.5, image quality - 8.\n"
+        "Image 2: composition quality: 10 - 3 - 3 - 1 = 3, image quality: 10",
     ],
 )
 def test_parse_scores_accepts(text: str) -> None:
@@ -393,6 +396,11 @@ def test_parse_scores_accepts(text: str) -> None:
         '{"image_1": {"composition": true, "image": 8}, "image_2": {"composition": 3, "image": 1}}',
         "Image 1: composition 7.5, image quality 8",  # image 2 missing
         "Image 1: composition 7.5, image quality 8\nImage 2: composition -1, image quality 12",
+        # A negative score is out of range, not a "1" after a dash.
+        "Image 1: composition 7.5, image quality 8\nImage 2: composition -1, image quality 10",
+        # Arithmetic without a result cannot be read as its first term.
+        "Image 1: composition: 10 - 3, image quality 8\nImage 2: composition 3, image quality 10",
+        "Image 1: composition 7.5, image quality 8 - 2 flaws\nImage 2: composition 3, image quality 10",
     ],
 )
 def test_parse_scores_rejects(text: str) -> None:

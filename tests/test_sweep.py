@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +18,7 @@ import pytest
 from PIL import Image
 
 from cmlora.testbed.sweep import (
+    _RANK_VARS,
     MANIFEST_FILE,
     PNG_TEXT_KEY,
     SweepError,
@@ -210,7 +213,9 @@ def test_single_run_writes_everything(tmp_path: Path, capsys: pytest.CaptureFixt
     assert first["image"] == f"images/{job.job_id}.png"
     assert job.job_id == "anime-n2-character_1+clothing_1--merge--s0"
     assert first["prompt"] == job.composition.prompt and first["seed"] == job.seed
-    assert [x["name"] for x in first["loras"]] == ["character_1", "clothing_1"] and first["method_options"] == {"steps": 10}
+    assert [x["name"] for x in first["loras"]] == ["character_1", "clothing_1"] and first[
+        "method_options"
+    ] == {"steps": 10}
     assert first["full_calls"] == 50 and first["seconds"] == 0.55
 
     # record in the sidecar and in the png text chunk
@@ -235,8 +240,13 @@ def test_single_run_writes_everything(tmp_path: Path, capsys: pytest.CaptureFixt
     assert stats["merge"].images == 8 and stats["merge"].seconds_per_image == pytest.approx(0.55)
     assert stats["cmlora-offline"].full_calls_per_image == 140
     assert stats["switch"].cached_calls == 4 and stats["switch"].cached_calls_per_image == 0.5
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "24/24 images (complete)" in table
+    # progress bar: images done / total, then elapsed<remaining
+    bar = captured.err.replace("\r", "\n").strip().splitlines()
+    assert bar[0].startswith("sweep:   0%") and "0/24 [00:00<?" in bar[0]
+    assert bar[-1].startswith("sweep: 100%") and re.search(r" 24/24 \[\d\d:\d\d<\d\d:\d\d, ", bar[-1])
     assert all(m in table for m in METHODS) and "full calls/image" in table
     assert not _tmp_files(tmp_path)
 
@@ -299,6 +309,11 @@ def test_new_run_discards_previous(tmp_path: Path) -> None:
     settings, jobs = build()
     run_sweep(tmp_path, settings, jobs, make_generate(), progress=False, rank=0, world_size=1)
     (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    # evaluation of the old images: keyed by image path, so it would describe the new images wrongly
+    (tmp_path / "eval" / "judge_cache").mkdir(parents=True)
+    for name in ("clipscore.jsonl", "judge.jsonl", "concepts.jsonl", "judge_cache/ab.json"):
+        (tmp_path / "eval" / name).write_text('{"image": "images/x.png"}\n', encoding="utf-8")
+    (tmp_path / "report.md").write_text("# old\n", encoding="utf-8")
     small_settings, small_jobs = build(n_comps=2, base_seed=5)
     summary = run_sweep(
         tmp_path,
@@ -318,6 +333,11 @@ def test_new_run_discards_previous(tmp_path: Path) -> None:
     assert [r["seed"] for r in records] == [j.seed for j in small_jobs]
     assert json.loads((tmp_path / "run.json").read_text(encoding="utf-8"))["settings"]["base_seed"] == 5
     assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"  # only our files are removed
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "eval").rglob("*")) == [
+        "eval/judge_cache",
+        "eval/judge_cache/ab.json",  # keyed by image bytes: kept, it cannot answer for another image
+    ]
+    assert not (tmp_path / "report.md").exists()
 
 
 def test_refuses_folder_that_is_not_a_sweep(tmp_path: Path) -> None:
@@ -339,7 +359,9 @@ def test_refuses_folder_that_is_not_a_sweep(tmp_path: Path) -> None:
     assert (tmp_path / "images" / "holiday.png").exists()
 
 
-def test_keyboard_interrupt_leaves_consistent_state(tmp_path: Path, reference: dict[str, bytes]) -> None:
+def test_keyboard_interrupt_leaves_consistent_state(
+    tmp_path: Path, reference: dict[str, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
     settings, jobs = build()
     generate = make_generate()
     calls = 0
@@ -356,8 +378,12 @@ def test_keyboard_interrupt_leaves_consistent_state(tmp_path: Path, reference: d
     assert len(_check_consistent(tmp_path)) == 4
     assert not _tmp_files(tmp_path)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
-    summary = run_sweep(tmp_path, settings, jobs, generate, progress=False, rank=0, world_size=1)
+    capsys.readouterr()
+    summary = run_sweep(tmp_path, settings, jobs, generate, progress=True, rank=0, world_size=1)
     assert summary.generated == N_JOBS - 4
+    captured = capsys.readouterr()
+    assert " 4/24 [" in captured.err.replace("\r", "\n").strip().splitlines()[0]  # resumed count shown
+    assert "this process generated 20, found 4 already done" in captured.out
     assert _snapshot(tmp_path) == reference
 
 
@@ -437,6 +463,34 @@ def test_two_process_shards_equal_single_process(tmp_path: Path, reference: dict
     assert not _tmp_files(out)
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_accelerate_launch_two_processes_equal_single_process(
+    tmp_path: Path, reference: dict[str, bytes]
+) -> None:
+    """The real launcher: `accelerate launch` starts 2 CPU processes, which shard by its RANK/WORLD_SIZE."""
+    pytest.importorskip("accelerate")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONHASHSEED": "random", "HF_HOME": str(tmp_path / "hf")}  # no user config
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--main_process_port", str(_free_port()), str(_script(tmp_path)), str(out), "0.005"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert _snapshot(out) == reference
+    _, jobs = build()
+    for rank in (0, 1):  # each process made exactly its own shard, so the launcher's ranks were seen
+        part = (out / f"manifest.rank{rank}.jsonl").read_text(encoding="utf-8").splitlines()
+        assert [json.loads(x)["job_id"] for x in part] == [j.job_id for j in jobs[rank::2]]
+    assert not _tmp_files(out)
+
+
 def test_resume_with_another_world_size(tmp_path: Path, reference: dict[str, bytes]) -> None:
     settings, jobs = build()
     half = run_sweep(tmp_path, settings, jobs, make_generate(), progress=False, rank=1, world_size=2)
@@ -478,9 +532,18 @@ def test_comparison_sheet_layout() -> None:
 
 
 def test_distributed_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
+    for names in _RANK_VARS:
+        for name in names:
+            monkeypatch.delenv(name, raising=False)
     assert distributed_env() == (0, 1, 0)
+    # mpirun (accelerate's multi-CPU launch) sets only its own names; RANK etc. take precedence
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert distributed_env() == (1, 2, 1)
+    monkeypatch.setenv("PMI_RANK", "5")
+    monkeypatch.setenv("PMI_SIZE", "6")
+    monkeypatch.setenv("MPI_LOCALRANKID", "0")
+    assert distributed_env() == (5, 6, 0)
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "1")

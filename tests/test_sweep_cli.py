@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from cmlora.tiny import tiny_sd15_pipeline, write_random_lora
 
@@ -107,7 +108,9 @@ def test_sweep_single_and_sharded_are_identical(testbed, tmp_path):
     pngs = sorted((single / "images").glob("*.png"))
     assert len(pngs) == 20
     for png in pngs:  # same pixels (the PNG text chunk holds timings, which differ)
-        assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(sharded / "images" / png.name)))
+        assert np.array_equal(
+            np.asarray(Image.open(png)), np.asarray(Image.open(sharded / "images" / png.name))
+        )
 
     def stable(path):
         rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -126,5 +129,100 @@ def test_sweep_refuses_changed_settings(testbed, tmp_path):
     argv = sweep_argv(testbed, out)
     argv[argv.index("--n") + 1] = "2"
     assert main(argv) == 0
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    # the published pipeline: fp32 (not auto's fp16 on CUDA), DPM-Solver++; own info file: base's VAE
+    assert (settings["dtype"], settings["scheduler"], settings["vae"]) == ("fp32", "dpmsolver++", None)
+    record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert record["scheduler"] == "DPMSolverMultistepScheduler"
+    assert record["scheduler_config"]["algorithm_type"] == "dpmsolver++"
     argv[argv.index("--steps") + 1] = "4"
     assert main(argv) == 2
+
+
+def _sweep_args(*extra):
+    from cmlora.cli import build_parser
+
+    return build_parser().parse_args(["sweep", "--out", "o", *extra])
+
+
+@pytest.mark.parametrize(
+    ("style", "preset", "expected"),
+    [
+        ("reality", "zhong", (768, 1024, 100, 7.0, 0.8, 111, "stabilityai/sd-vae-ft-mse")),
+        ("anime", "zhong", (512, 512, 200, 10.0, 0.8, 111, None)),
+        ("anime", "cmlora", (512, 512, 220, 8.5, 1.0, 222, None)),
+    ],
+)
+def test_composlora_defaults_are_the_published_settings(style, preset, expected):
+    from cmlora.sweep_cli import _testbed
+
+    args = _sweep_args(
+        "--testbed", "composlora", "--style", style, "--preset", preset, "--lora-dir", "L", "--base", "B"
+    )
+    comps, defaults = _testbed(args)
+    keys = ("width", "height", "steps", "guidance", "lora_scale", "base_seed", "vae")
+    assert tuple(defaults[k] for k in keys) == expected
+    assert defaults["scheduler"] == "dpmsolver++"
+    assert len(comps) == 240 and comps[0].id == f"{style}-n2-character_1+clothing_1"
+
+
+def test_sweep_option_errors():
+    from cmlora.errors import OptionError
+    from cmlora.sweep_cli import _testbed
+
+    base = ("--testbed", "composlora", "--lora-dir", "L", "--base", "B")
+    with pytest.raises(OptionError, match="comma-separated integers"):
+        _testbed(_sweep_args(*base, "--n", "2,x"))
+    with pytest.raises(OptionError, match="--limit must be >= 1"):
+        _testbed(_sweep_args(*base, "--limit", "-1"))
+    comps, _ = _testbed(_sweep_args(*base, "--n", "5,2", "--limit", "50"))
+    assert [c.n for c in comps] == [5] * 48 + [2] * 2
+
+
+def test_apply_pipeline_settings(tmp_path):
+    from diffusers import PNDMScheduler
+
+    from cmlora.errors import OptionError
+    from cmlora.sweep_cli import apply_pipeline_settings
+
+    pipe = tiny_sd15_pipeline()
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)  # what SD-1.5 checkpoints ship
+    other_vae = tiny_sd15_pipeline(seed=5).vae
+    other_vae.save_pretrained(tmp_path / "vae")
+    apply_pipeline_settings(pipe, "dpmsolver++", str(tmp_path / "vae"))
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"  # the checkpoint's own betas kept
+    loaded, expected = pipe.vae.state_dict(), other_vae.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    vae_before = pipe.vae
+    apply_pipeline_settings(pipe, None, None)  # mini world / --vae none: nothing changes
+    assert pipe.vae is vae_before
+    with pytest.raises(OptionError, match="--vae none"):
+        apply_pipeline_settings(pipe, None, str(tmp_path / "missing"))
+
+
+def test_mini_testbed_has_240_compositions():
+    from collections import Counter
+
+    from cmlora.models import mini_available
+    from cmlora.sweep_cli import _testbed
+
+    if not mini_available():
+        pytest.skip("mini world assets not installed")
+    comps, defaults = _testbed(_sweep_args("--testbed", "mini"))
+    assert Counter(c.n for c in comps) == {2: 24, 3: 72, 4: 96, 5: 48}
+    assert len({c.id for c in comps}) == 240 and all(c.id.startswith("mini-n") for c in comps)
+    assert "vae" not in defaults and "scheduler" not in defaults  # the bundled pipeline is used as is
+
+
+def test_process_device():
+    from cmlora.sweep_cli import process_device
+
+    assert process_device("auto", 0, 1, 0) == "auto"  # no GPU: the usual choice (CPU)
+    assert process_device("auto", 1, 2, 2) == "cuda:1"  # accelerate launch: one GPU per process
+    assert process_device("cuda", 3, 4, 2) == "cuda:1"  # more processes than GPUs: wrap round
+    assert process_device("cuda", 0, 1, 2) == "cuda"  # single process: as given
+    assert process_device("cuda:0", 1, 2, 2) == "cuda:0"
+    assert process_device("cpu", 1, 2, 2) == "cpu"

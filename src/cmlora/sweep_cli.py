@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import mini
 from .errors import OptionError
 
 # Published generation settings (COMPOSLORA.md). "zhong": Zhong et al. 2024; "cmlora": CMLoRA's code.
@@ -46,7 +47,17 @@ PRESETS: dict[str, dict[str, dict]] = {
         for style in ("reality", "anime")
     },
 }
-MINI_DEFAULTS = {"width": 64, "height": 64, "steps": 20, "guidance": 5.0, "lora_scale": 1.0, "base_seed": 0}
+MINI_DEFAULTS = {
+    "width": mini.SIZE,
+    "height": mini.SIZE,
+    "steps": mini.STEPS,
+    "guidance": mini.GUIDANCE,
+    "lora_scale": 1.0,
+    "base_seed": 0,
+}
+PUBLISHED_SCHEDULER = "dpmsolver++"
+"""Both papers: DPMSolverMultistepScheduler with algorithm_type dpmsolver++ (set on the base's config)."""
+PUBLISHED_DTYPE = "fp32"
 DEFAULT_METHODS = "merge,switch,composite,cmlora-offline"
 
 
@@ -80,6 +91,13 @@ def add_sweep_subcommand(sub, common_model, add_method_flags) -> None:
         default="zhong",
         help="composlora published settings: zhong (Zhong et al.) or cmlora (CMLoRA code)",
     )
+    p.add_argument(
+        "--vae",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="VAE replacing the base model's (diffusers folder or hub id; 'none' keeps the base's). "
+        "composlora default: the testbed's, as published (reality: stabilityai/sd-vae-ft-mse)",
+    )
     p.add_argument("--n", default="2,3,4,5", help="composition sizes, comma-separated (default 2,3,4,5)")
     p.add_argument(
         "--methods",
@@ -106,7 +124,14 @@ def _testbed(args):
     from .testbed.compositions import enumerate_compositions
     from .testbed.info import load_info, load_testbed_info, load_testbed_prompts
 
-    sizes = tuple(int(v) for v in args.n.split(",") if v.strip())
+    try:
+        sizes = tuple(int(v) for v in args.n.split(",") if v.strip())
+    except ValueError:
+        raise OptionError(f"--n must be comma-separated integers such as 2,3,4,5, got {args.n!r}") from None
+    if not sizes:
+        raise OptionError("--n names no composition size")
+    if args.limit is not None and args.limit < 1:
+        raise OptionError(f"--limit must be >= 1, got {args.limit}")
     if args.testbed == "mini":
         from .models import mini_available
 
@@ -126,6 +151,10 @@ def _testbed(args):
         style = Path(args.info).stem if args.info else args.style
         base_prompt, negative = tb.prompt, tb.negative_prompt
         defaults = dict(PRESETS[args.preset][args.style])
+        # The published pipeline (COMPOSLORA.md): fp32, DPM-Solver++ multistep, and for reality the
+        # ft-MSE VAE; a user's own info file keeps its base model's VAE unless --vae says otherwise.
+        defaults["scheduler"] = PUBLISHED_SCHEDULER
+        defaults["vae"] = None if args.info else tb.vae
         if args.lora_dir is None:
             raise OptionError(
                 "--lora-dir is required for --testbed composlora (folder with <style>/<id>.safetensors)"
@@ -153,6 +182,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for key in ("steps", "guidance", "lora_scale", "base_seed"):
         if getattr(args, key) is not None:
             defaults[key] = getattr(args, key)
+    if args.vae is not None:
+        defaults["vae"] = None if args.vae.lower() == "none" else args.vae
+    dtype = args.dtype
+    if dtype == "auto" and args.testbed == "composlora":
+        dtype = PUBLISHED_DTYPE  # the papers ran fp32; auto would pick fp16 on CUDA
     if args.size:
         defaults["width"], defaults["height"] = args.size
     labels = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -166,15 +200,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for k in range(args.seeds)
         for label in labels
     ]
-    _, _, local_rank = distributed_env()
-    device = args.device
-    if device == "auto":
-        import torch
+    import torch
 
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "auto"
-    base = load_base(args.base, device, args.dtype, args.config)
+    _, world_size, local_rank = distributed_env()
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = process_device(args.device, local_rank, world_size, cuda_count)
+    base = load_base(args.base, device, dtype, args.config)
     if base.note:
         print(base.note, file=sys.stderr)
+    apply_pipeline_settings(base.pipe, defaults.get("scheduler"), defaults.get("vae"))
     settings = {
         "testbed": args.testbed,
         "style": comps[0].style if comps else args.style,
@@ -185,7 +219,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "sizes": args.n,
         "seeds": args.seeds,
         "limit": args.limit,
-        "dtype": args.dtype,
+        "dtype": dtype,
         "profile": args.profile,
         **defaults,
     }
@@ -217,6 +251,44 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         generate.close()
     print(f"{summary.done}/{summary.total} images in {args.out} (manifest.jsonl, images/, sheets/)")
     return 0
+
+
+def process_device(device: str, local_rank: int, world_size: int, cuda_count: int) -> str:
+    """The device of this process: under a launcher, ``auto`` and a bare ``cuda`` mean the GPU of
+    its local rank (so each process gets its own), wrapping round when there are more processes
+    than GPUs; an explicit ``cuda:K`` or any other device is taken as given."""
+    if device == "auto":
+        return f"cuda:{local_rank % cuda_count}" if cuda_count else "auto"
+    if device == "cuda" and world_size > 1 and cuda_count:
+        return f"cuda:{local_rank % cuda_count}"
+    return device
+
+
+def apply_pipeline_settings(pipe, scheduler: str | None, vae: str | None) -> None:
+    """Put the published scheduler and VAE into ``pipe`` (None leaves that part as loaded).
+
+    Like the published code, the scheduler is DPMSolverMultistepScheduler built from the base's own
+    scheduler config with ``algorithm_type`` set, so betas and timestep spacing stay the checkpoint's.
+    """
+    if scheduler is not None:
+        from diffusers import DPMSolverMultistepScheduler
+
+        if scheduler != PUBLISHED_SCHEDULER:
+            raise OptionError(f"unknown scheduler {scheduler!r}; expected {PUBLISHED_SCHEDULER!r}")
+        config = {**pipe.scheduler.config, "algorithm_type": scheduler}
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config)
+    if vae is not None:
+        from diffusers import AutoencoderKL
+
+        current = pipe.vae
+        try:
+            loaded = AutoencoderKL.from_pretrained(vae, torch_dtype=current.dtype)
+        except (OSError, ValueError) as exc:
+            raise OptionError(
+                f"cannot load the VAE {vae!r} ({type(exc).__name__}: {exc}); pass a local diffusers VAE "
+                "folder with --vae, or --vae none to keep the base model's own"
+            ) from exc
+        pipe.vae = loaded.to(current.device).eval()
 
 
 class CompositionGenerator:
@@ -259,7 +331,13 @@ class CompositionGenerator:
     def __call__(self, job):
         method, variant = self.methods[job.method]
         d = self.defaults
-        result = self._composer_for(job.composition).generate(
+        composer = self._composer_for(job.composition)
+        # a profile orders cmlora's LoRAs only; the other methods of the sweep run without it
+        profile = self.profile if method == "cmlora" else None
+        if profile is None:
+            files = [lora.path for lora in composer.loras]
+            profile = self.base.default_profile(method, files, job.method_options)
+        result = composer.generate(
             prompt=job.composition.prompt,
             method=method,
             variant=variant,
@@ -270,7 +348,7 @@ class CompositionGenerator:
             width=d["width"],
             seed=job.seed,
             lora_scale=d["lora_scale"],
-            profile=self.profile,
+            profile=profile,
             progress=False,
             **job.method_options,
         )

@@ -353,10 +353,14 @@ def cache_key(model: str, prompt: str, image_hashes: Sequence[str]) -> str:
 # Reply parsing
 # --------------------------------------------------------------------------------------------------
 
-_NUM = r"(\d+(?:\.\d+)?)"
-_SEP = r"\s*(?:score)?\s*(?:[:=]|is|of|-|\u2013|\u2014)?\s*"
-_COMP_RE = re.compile(r"composition(?:\s+quality)?" + _SEP + _NUM + r"(?:\s*/\s*10)?", re.IGNORECASE)
-_QUAL_RE = re.compile(r"(?:image\s+)?quality" + _SEP + _NUM + r"(?:\s*/\s*10)?", re.IGNORECASE)
+# A score in prose.  A minus sign is kept (so "-1" is rejected as out of range, not read as 1), a hyphen
+# only separates when a space follows it, and arithmetic is never cut short: "10 - 3 = 7" is read as its
+# result, 7, while "10 - 3" alone (or "7 - 2 missing") matches nothing, so the reply counts as malformed.
+_NUM = r"(-?\d+(?:\.\d+)?)(?!\.?\d)(?!\s*[-+*\u2212\u00d7]\s*\d)"
+_EXPR = r"(?:\d+(?:\.\d+)?(?:\s*[-+\u2212]\s*\d+(?:\.\d+)?)+\s*=\s*)?"
+_SEP = r"\s*(?:score)?\s*(?:[:=]|is|of|-(?=\s)|\u2013|\u2014)?\s*"
+_COMP_RE = re.compile(r"composition(?:\s+quality)?" + _SEP + _EXPR + _NUM + r"(?:\s*/\s*10)?", re.IGNORECASE)
+_QUAL_RE = re.compile(r"(?:image\s+)?quality" + _SEP + _EXPR + _NUM + r"(?:\s*/\s*10)?", re.IGNORECASE)
 _HEAD_RE = re.compile(r"\b(?:image|img)\s*(?:#\s*)?([12])\b", re.IGNORECASE)
 
 

@@ -53,6 +53,8 @@ FORMAT_VERSION = 1
 RUN_FILE = "run.json"
 MANIFEST_FILE = "manifest.jsonl"
 IMAGES_DIR = "images"
+REPORT_FILE = "report.md"
+"""Written by ``cmlora report``; removed with the evaluation results when a new run discards the old one."""
 SHEETS_DIR = "sheets"
 PNG_TEXT_KEY = "cmlora"
 """PNG text chunk holding the image's record, so a copied-away image still says how it was made."""
@@ -197,26 +199,38 @@ def _fmt(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+_RANK_VARS: tuple[tuple[str, ...], ...] = (
+    ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"),
+    ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"),
+    ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK"),
+)
+"""Where rank, world size and local rank may come from, first set one wins: torchrun's names (what
+``accelerate launch --multi_gpu`` sets), then the MPI launchers' (what accelerate's multi-CPU mpirun
+launch sets); the same lists accelerate itself reads."""
+
+
 def distributed_env() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from the variables ``accelerate launch``/torchrun set.
+    """``(rank, world_size, local_rank)`` from the variables ``accelerate launch``/torchrun/mpirun set.
 
     Read from the environment rather than from ``torch.distributed`` so that a sweep needs no
     process group: processes never talk to each other, only through the output folder.
     """
-    values = []
-    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", None)):
-        raw = os.environ.get(name)
-        if raw is None or raw == "":
-            values.append(default)
-            continue
-        try:
-            values.append(int(raw))
-        except ValueError as exc:
-            raise SweepError(f"environment variable {name}={raw!r} is not an integer") from exc
+    values: list[int | None] = []
+    for names, default in zip(_RANK_VARS, (0, 1, None), strict=True):
+        found: int | None = default
+        for name in names:
+            raw = os.environ.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            try:
+                found = int(raw)
+            except ValueError as exc:
+                raise SweepError(f"environment variable {name}={raw!r} is not an integer") from exc
+            break
+        values.append(found)
     rank, world_size, local_rank = values
-    if local_rank is None:
-        local_rank = rank
-    return rank, world_size, local_rank
+    assert rank is not None and world_size is not None
+    return rank, world_size, rank if local_rank is None else local_rank
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,7 +540,17 @@ class _Sweep:
         jobs no longer in the run and part files of ranks that no longer exist. A rank that starts
         late can therefore only delete files no other rank of *this* run writes, except sheets and
         manifest.jsonl, which the last process to finish writes again.
+
+        The evaluation's results (``cmlora eval`` scores, ``cmlora report``) are removed as well: they
+        are keyed by image path, and the new run's images take the same paths, so old scores would
+        otherwise be taken for the new images. The judge's reply cache stays (it is keyed by image
+        bytes, so it can never answer for a different image).
         """
+        from cmlora.evaluate.runs import CLIPSCORE_FILENAME, CONCEPTS_FILENAME, EVAL_DIRNAME, JUDGE_FILENAME
+
+        for name in (CLIPSCORE_FILENAME, JUDGE_FILENAME, CONCEPTS_FILENAME):
+            (self.out / EVAL_DIRNAME / name).unlink(missing_ok=True)
+        (self.out / REPORT_FILE).unlink(missing_ok=True)
         (self.out / MANIFEST_FILE).unlink(missing_ok=True)
         self.part.unlink(missing_ok=True)
         if self.sheets.is_dir():

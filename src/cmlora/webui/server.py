@@ -233,7 +233,7 @@ class WebApp:
                 "steps": 20,
                 "width": size,
                 "height": size,
-                "guidance": 7.5,
+                "guidance": self.base.guidance,
                 "lora_scale": 1.0,
                 "methods": ["merge", "cmlora-offline"],
             },
@@ -265,7 +265,7 @@ class WebApp:
         height, width = _check_size(self.base.pipe, height, width)
         seed = _int(body, "seed", 0)
         _check_seeds(seed, 1)
-        guidance = _float(body, "guidance", 7.5)
+        guidance = _float(body, "guidance", self.base.guidance)
         if guidance < 0:
             raise OptionError(f"guidance must be >= 0, got {guidance}")
         lora_scale = _float(body, "lora_scale", 1.0)
@@ -491,7 +491,14 @@ class WebApp:
                     width=spec.width,
                     seed=spec.seed,
                     lora_scale=spec.lora_scale,
-                    profile=spec.profile if method == "cmlora" else None,
+                    profile=(
+                        spec.profile
+                        or self.base.default_profile(
+                            method, [lora.path for lora in composer.loras], spec.options[label]
+                        )
+                    )
+                    if method == "cmlora"
+                    else None,
                     progress=False,
                     on_step=on_step,
                     **spec.options[label],

@@ -1,0 +1,152 @@
+"""Configs and builders of the mini diffusers components (VAE, UNet, CLIP text encoder + tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from . import world
+
+MAX_TOKENS = 48
+SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
+PUNCT = [",", ".", "-", "(", ")", ":", "!", "?", "'"]
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=64,
+)
+
+UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    cross_attention_dim=64,
+    attention_head_dim=8,
+    norm_num_groups=16,
+    transformer_layers_per_block=1,
+)
+
+TEXT_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=MAX_TOKENS,
+    projection_dim=64,
+    hidden_act="quick_gelu",
+)
+
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    steps_offset=1,
+)
+
+
+def write_tokenizer_files(folder: str) -> None:
+    """Write vocab.json / merges.txt of a small CLIP BPE learnt (deterministically) on the mini-world word
+    list with the ``tokenizers`` trainer run to completion, so every known word is one token; any other
+    word falls back to characters (all single characters and their '</w>' forms are in the vocab)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    os.makedirs(folder, exist_ok=True)
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789") | set("".join(PUNCT)))
+    alphabet = chars + [c + "</w>" for c in chars]
+    tk = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4000,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=chars,
+        end_of_word_suffix="</w>",
+        special_tokens=[],
+    )
+    words = world.vocabulary_words() + PUNCT
+    tk.train_from_iterator([" ".join(words)] * 2, trainer=trainer)
+    learnt = tk.get_vocab()
+    merges = tk.model.__getstate__() if False else None  # noqa: F841 (merges read from JSON below)
+    state = json.loads(tk.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
+    vocab: dict[str, int] = {}
+    for t in alphabet:
+        vocab.setdefault(t, len(vocab))
+    for t, _ in sorted(learnt.items(), key=lambda kv: kv[1]):
+        vocab.setdefault(t, len(vocab))
+    for t in SPECIAL:
+        vocab.setdefault(t, len(vocab))
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f, indent=0)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+        for m in merges:
+            f.write(m + "\n")
+
+
+def build_tokenizer(folder: str):
+    from transformers import CLIPTokenizer
+
+    write_tokenizer_files(folder)
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**UNET_CONFIG)
+
+
+def build_text_encoder(vocab_size: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        eos_token_id=vocab_size - 1,
+        bos_token_id=vocab_size - 2,
+        pad_token_id=vocab_size - 1,
+        **TEXT_CONFIG,
+    )
+    return CLIPTextModel(cfg)
+
+
+def build_noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SCHEDULER_CONFIG)
+
+
+def to_tensor(images) -> torch.Tensor:
+    """list of PIL / uint8 HWC arrays -> float tensor NCHW in [-1, 1]."""
+    import numpy as np
+
+    arr = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_pil(x: torch.Tensor):
+    from PIL import Image
+
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]

@@ -45,6 +45,21 @@ def ui(tmp_path_factory):
     app.close()
 
 
+@pytest.fixture(scope="module")
+def mini_ui():
+    """The app as `cmlora ui` starts it with no options: the embedded mini model and its LoRAs."""
+    from cmlora.models import load_base
+
+    app = make_app(load_base(None, "cpu", "fp32"))
+    server = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "app": app}
+    server.shutdown()
+    server.server_close()
+    app.close()
+
+
 def call(url: str, path: str, body: object | None = None) -> tuple[int, dict]:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
@@ -294,23 +309,27 @@ def _job_of(browser) -> str:
     return browser.find_element(By.ID, "status").text.split()[1].rstrip(":")
 
 
-def test_page_end_to_end_in_headless_chromium(ui):
+def test_page_end_to_end_in_headless_chromium(mini_ui):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    ui = mini_ui
     browser = _browser()
     try:
         browser.get(ui["url"] + "/")
         wait_for = WebDriverWait(browser, 60, poll_frequency=0.1).until
         wait_for(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
-        for name in ("hero", "forest"):
+        for name in ("character_2", "background_1"):
             browser.find_element(By.ID, f"lora-{name}").click()
         assert len(browser.find_elements(By.CSS_SELECTOR, "#selected tbody tr")) == 2
+        # the LoRAs' trigger words are filled into the prompt
+        prompt = browser.find_element(By.ID, "prompt").get_attribute("value")
+        assert "nekomi" in prompt and "sunsetbg" in prompt, prompt
         for label in ("none", "merge", "switch", "composite", "cmlora-offline"):
             box = browser.find_element(By.ID, f"method-{label}")
             if box.is_selected() != (label in ("merge", "cmlora-offline")):
                 box.click()
-        for field, value in (("steps", "3"), ("width", "16"), ("height", "16")):
+        for field, value in (("steps", "3"), ("width", "64"), ("height", "64")):
             browser.find_element(By.ID, field).clear()
             browser.find_element(By.ID, field).send_keys(value)
         browser.find_element(By.ID, "generate").click()
@@ -320,7 +339,7 @@ def test_page_end_to_end_in_headless_chromium(ui):
         assert [c.find_element(By.TAG_NAME, "h3").text for c in cards] == ["merge", "cmlora-offline"]
         for card in cards:
             image = card.find_element(By.TAG_NAME, "img")
-            wait_for(lambda b, image=image: b.execute_script("return arguments[0].naturalWidth", image) == 16)
+            wait_for(lambda b, image=image: b.execute_script("return arguments[0].naturalWidth", image) == 64)
         assert cards[0].find_element(By.CLASS_NAME, "calls").text == "3 full + 0 cached UNet calls"
         assert "cached UNet calls" in cards[1].find_element(By.CLASS_NAME, "calls").text
         assert browser.find_element(By.ID, "progress-merge").get_attribute("value") == "3"

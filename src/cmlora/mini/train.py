@@ -34,8 +34,9 @@ CATEGORY_TARGETS = {
 }
 
 #: (steps factor, learning-rate factor) per concept that needs a stronger push: the palette style
-#: recolours every pixel of the image, which a rank-8 LoRA learns slowest.
-CONCEPT_SCHEDULE = {"style_2": (1.5, 2.0)}
+#: recolours every pixel of the image and the two scenes replace the base model's favourite blue
+#: sky, which a rank-8 LoRA learns slowest.
+CONCEPT_SCHEDULE = {"style_2": (1.5, 2.0), "background_1": (1.5, 2.0), "background_2": (1.5, 2.0)}
 
 
 def log(*a):

@@ -1,0 +1,208 @@
+"""Fast tests of the mini world (renderer, detectors, bundled assets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+from cmlora import mini
+from cmlora.mini import world
+
+ASSETS = mini.assets_dir()
+
+
+def test_concept_layout_matches_composlora():
+    counts = {cat: len(world.CONCEPTS[cat]) for cat in world.CATEGORIES}
+    assert counts == {"character": 3, "clothing": 2, "style": 2, "background": 2, "object": 2}
+    assert world.CONCEPT_IDS[0] == "character_1" and world.CONCEPT_IDS[-1] == "object_2"
+
+
+def test_renderer_deterministic():
+    for seed in range(5):
+        a, ca, sa = world.sample(seed, p_concept=0.5)
+        b, cb, sb = world.sample(seed, p_concept=0.5)
+        assert a.size == (64, 64) and a.mode == "RGB"
+        assert np.array_equal(np.asarray(a), np.asarray(b)) and ca == cb and sa == sb
+    assert not np.array_equal(np.asarray(world.sample(0)[0]), np.asarray(world.sample(1)[0]))
+
+
+def test_trigger_words_absent_from_generic_captions():
+    trig_words = {w for c in world.CONCEPT_IDS for t in world.CONCEPT_BY_ID[c]["trigger"] for w in t.split()}
+    for seed in range(300):
+        _, cap, _ = world.sample(seed)
+        assert not (set(cap.replace(",", " ").split()) & trig_words), cap
+
+
+def test_concepts_are_rendered_and_captioned():
+    for cid in world.CONCEPT_IDS:
+        cat = world.CONCEPT_BY_ID[cid]["category"]
+        img, cap, s = world.sample(7, {cat: cid})
+        assert s.labels()[cat] == cid
+        for t in world.CONCEPT_BY_ID[cid]["trigger"]:
+            assert t in cap
+        assert not np.array_equal(np.asarray(img), np.asarray(world.sample(7)[0]))
+
+
+def _hf_fraction(diff):
+    a = diff.astype(np.float64).mean(2)
+    spec = np.abs(np.fft.fft2(a - a.mean())) ** 2
+    f = np.fft.fftfreq(a.shape[0])
+    r = np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
+    return spec[r > 0.125].sum() / spec.sum()
+
+
+def test_backgrounds_lower_frequency_than_other_concepts():
+    """What a concept changes in an image is high-frequency for characters/clothing/styles/objects and
+    low-frequency for backgrounds (CMLoRA's ordering relies on it)."""
+    hf = {}
+    for cid in world.CONCEPT_IDS:
+        cat = world.CONCEPT_BY_ID[cid]["category"]
+        vals = []
+        for seed in range(3):
+            with_c = world.render_array(world.sample_scene(random.Random(seed), {cat: cid}))
+            without = world.render_array(world.sample_scene(random.Random(seed)))
+            vals.append(_hf_fraction(with_c.astype(np.float64) - without))
+        hf[cid] = float(np.mean(vals))
+    bgs = [hf[c] for c in ("background_1", "background_2")]
+    others = [v for c, v in hf.items() if not c.startswith("background")]
+    assert max(bgs) < min(others), hf
+
+
+def test_detectors_on_fixed_images():
+    from cmlora.mini.detectors import detect, load_detectors
+
+    load_detectors()
+    imgs, want = [], []
+    for k, cid in enumerate(world.CONCEPT_IDS):
+        cat = world.CONCEPT_BY_ID[cid]["category"]
+        img, _, s = world.sample(123 + k, {cat: cid})
+        imgs.append(img)
+        want.append(s.labels())
+    for seed in range(4):
+        img, _, s = world.sample(555 + seed)
+        imgs.append(img)
+        want.append(s.labels())
+    got = detect(imgs)
+    assert got == want
+
+
+def test_pipeline_loads_offline_and_generates():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch.set_num_threads(1)
+    pipe = mini.load_pipeline()
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    out = pipe(
+        "a picture, red shirt",
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert out[0].size == (64, 64)
+    info = mini.info()
+    assert set(info) == set(world.CATEGORIES)
+    assert [e["id"] for e in info["character"]] == ["character_1", "character_2", "character_3"]
+    assert all(set(e) == {"id", "name", "trigger", "url"} for v in info.values() for e in v)
+    with open(os.path.join(ASSETS, "prompts.json")) as f:
+        assert set(json.load(f)["mini"]) >= {"prompt", "negative_prompt"}
+
+
+def test_lora_files_are_kohya_and_match_unet():
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(ASSETS, "pipeline"), subfolder="unet")
+    mods = {"lora_unet_" + n.replace(".", "_"): m for n, m in unet.named_modules() if n}
+    for cid in world.CONCEPT_IDS:
+        sd = load_file(mini.lora_path(cid))
+        groups: dict[str, set] = {}
+        for k, v in sd.items():
+            assert k.startswith(("lora_unet_", "lora_te_")), k
+            mod, _, kind = k.partition(".")
+            assert kind in ("lora_down.weight", "lora_up.weight", "alpha"), k
+            groups.setdefault(mod, set()).add(kind)
+            if kind == "alpha":
+                assert v.ndim == 0
+        assert groups
+        for mod, kinds in groups.items():
+            assert kinds == {"lora_down.weight", "lora_up.weight", "alpha"}, mod
+            if mod.startswith("lora_unet_"):
+                layer = mods[mod]
+                down, up = sd[mod + ".lora_down.weight"], sd[mod + ".lora_up.weight"]
+                if isinstance(layer, torch.nn.Conv2d):  # texture/style/scene LoRAs also adapt the convs
+                    assert world.CONCEPT_BY_ID[cid]["category"] in ("clothing", "style", "background"), mod
+                    assert down.shape[1:] == layer.weight.shape[1:] and up.shape[2:] == (1, 1)
+                    assert up.shape[0] == layer.out_channels
+                else:
+                    assert down.shape[1] == layer.in_features and up.shape[0] == layer.out_features
+                assert down.shape[0] == up.shape[1]
+
+
+def test_every_lora_passes_the_strict_loader_and_changes_the_unet():
+    """The shipped files are what users download: every key must land (no partial load)."""
+    from cmlora import LoRA
+    from cmlora.api import Composer
+
+    torch.set_num_threads(1)
+    pipe = mini.load_pipeline()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = pipe.unet(sample, 500, encoder_hidden_states=text).sample
+    for cid in world.CONCEPT_IDS:
+        with Composer(pipe, [LoRA(mini.lora_path(cid), name=cid)]) as composer:
+            composer.adapters.unet.set(((cid, 1.0),))
+            with torch.no_grad():
+                moved = pipe.unet(sample, 500, encoder_hidden_states=text).sample
+            composer.adapters.unet.clear()
+        assert (moved - plain).abs().max() > 1e-3, cid
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_shipped_profile_orders_mini_compositions_by_default():
+    from cmlora.models import load_base
+
+    base = load_base(None, "cpu", "fp32")
+    assert base.name == "mini" and base.profile == mini.profile_path()
+    files = [mini.lora_path("character_1"), mini.lora_path("background_2")]
+    assert base.default_profile("cmlora", files, {}) == mini.profile_path()
+    assert base.default_profile("composite", files, {}) is None
+    assert base.default_profile("cmlora", files, {"order": ["a", "b"]}) is None
+    assert base.default_profile("cmlora", [*files, "elsewhere/own.safetensors"], {}) is None
+
+
+def test_cli_generates_on_the_embedded_mini_model(tmp_path, capsys):
+    from PIL import Image
+
+    from cmlora.cli import main
+
+    code = main(
+        [
+            "generate",
+            "--lora",
+            "character_1",
+            "--lora",
+            "background_2",
+            "--method",
+            "cmlora",
+            "--steps",
+            "4",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == 1 and Image.open(pngs[0]).size == (64, 64)
+    record = json.loads(pngs[0].with_suffix(".json").read_text())
+    assert record["base_model"] == "mini"
+    assert record["prompt"] == "a picture, tinbot, robot, antenna, peakbg, snowy mountains"
+    assert record["options"]["low"] == ["background_2"]

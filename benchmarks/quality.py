@@ -109,7 +109,13 @@ def run(args) -> dict:
         generate.close()
     if not summary.complete:  # a shard (RANK/WORLD_SIZE) done before the others: the last one scores
         return None
-    score_run(args.out, progress=not args.quiet)
+    import fcntl
+
+    # two shards finishing together both see a complete run: score one after the other (the
+    # second finds every image scored, since scoring resumes)
+    with open(Path(args.out) / ".score.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        score_run(args.out, progress=not args.quiet)
     return aggregate(Path(args.out), list(methods))
 
 

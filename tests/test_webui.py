@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,20 @@ from cmlora.webui.server import form_from_record
 TERMINAL = ("done", "cancelled", "error")
 
 
+@contextmanager
+def _serving(app):
+    """The app on a loopback port in a thread; its URL while the block runs, then all closed."""
+    server = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        app.close()
+
+
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
     from cmlora.models import load_base
@@ -35,14 +50,8 @@ def ui(tmp_path_factory):
     write_random_lora(base.pipe, folder / "hero.safetensors", seed=1, rank=2)
     write_random_lora(base.pipe, folder / "forest.safetensors", seed=2, rank=2)
     app = make_app(base, folder)
-    server = make_server(app, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    yield {"url": url, "app": app, "base": base, "folder": folder}
-    server.shutdown()
-    server.server_close()
-    app.close()
+    with _serving(app) as url:
+        yield {"url": url, "app": app, "base": base, "folder": folder}
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +60,8 @@ def mini_ui():
     from cmlora.models import load_base
 
     app = make_app(load_base(None, "cpu", "fp32"))
-    server = make_server(app, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "app": app}
-    server.shutdown()
-    server.server_close()
-    app.close()
+    with _serving(app) as url:
+        yield {"url": url, "app": app}
 
 
 def call(url: str, path: str, body: object | None = None) -> tuple[int, dict]:

@@ -182,7 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.num_images < 1:
         raise OptionError(f"--num-images must be >= 1, got {args.num_images}")
-    profile = args.profile or base.default_profile(method, [lora.path for lora in loras], options)
+    profile = base.profile_for(method, [lora.path for lora in loras], options, args.profile)
     with Composer(
         base.pipe, loras, allow_partial=args.allow_partial, allow_pickle=args.allow_pickle
     ) as composer:

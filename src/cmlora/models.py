@@ -40,12 +40,16 @@ class BaseModel:
     profile: str | None = None
     """The shipped frequency profile of ``lora_ids`` (the mini world's), if any."""
 
-    def default_profile(self, method: str, lora_files, options: dict) -> str | None:
-        """The shipped profile, for a cmlora composition made only of this model's own LoRAs.
+    def profile_for(self, method: str, lora_files, options: dict, given=None):
+        """The profile a composition uses: the one the user ``given``, else the shipped one when
+        this is a cmlora composition made only of this model's own LoRAs.
 
-        It orders the LoRAs it was measured on; any other file (or an explicit order/partition,
-        which the user chose on purpose) means no default, so CMLoRA falls back to categories.
+        The shipped profile orders the LoRAs it was measured on; any other file (or an explicit
+        order/partition, which the user chose on purpose) means no default, so CMLoRA falls back
+        to categories.
         """
+        if given is not None:
+            return given
         if self.profile is None or method != "cmlora" or {"order", "high", "low"} & set(options):
             return None
         known = {Path(entry["file"]).resolve() for entry in self.lora_ids.values()}

@@ -333,10 +333,9 @@ class CompositionGenerator:
         d = self.defaults
         composer = self._composer_for(job.composition)
         # a profile orders cmlora's LoRAs only; the other methods of the sweep run without it
-        profile = self.profile if method == "cmlora" else None
-        if profile is None:
-            files = [lora.path for lora in composer.loras]
-            profile = self.base.default_profile(method, files, job.method_options)
+        files = [lora.path for lora in composer.loras]
+        given = self.profile if method == "cmlora" else None
+        profile = self.base.profile_for(method, files, job.method_options, given)
         result = composer.generate(
             prompt=job.composition.prompt,
             method=method,

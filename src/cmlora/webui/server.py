@@ -491,11 +491,8 @@ class WebApp:
                     width=spec.width,
                     seed=spec.seed,
                     lora_scale=spec.lora_scale,
-                    profile=(
-                        spec.profile
-                        or self.base.default_profile(
-                            method, [lora.path for lora in composer.loras], spec.options[label]
-                        )
+                    profile=self.base.profile_for(
+                        method, [lora.path for lora in composer.loras], spec.options[label], spec.profile
                     )
                     if method == "cmlora"
                     else None,

@@ -155,7 +155,17 @@ def tiny_pipeline(dtype: torch.dtype):
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
-ARCHS = {"sd15": sd15_pipeline, "sdxl": sdxl_pipeline, "tiny": tiny_pipeline}
+def mini_pipeline(dtype: torch.dtype):
+    from cmlora import mini
+
+    return mini.load_pipeline(dtype=dtype)
+
+
+ARCHS = {"sd15": sd15_pipeline, "sdxl": sdxl_pipeline, "tiny": tiny_pipeline, "mini": mini_pipeline}
+#: Image size of the architectures whose size is fixed by their training (the rest take --size).
+FIXED_SIZE = {"tiny": 16, "mini": 64}
+#: Methods that make one UNet call per step whatever N is: batching has nothing to group.
+SINGLE_CALL = {"merge", "switch"}
 
 
 class PeakMemory:
@@ -206,7 +216,7 @@ def run(args) -> dict:
     pipe = ARCHS[args.arch](dtype).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     print(f"built {args.arch} in {time.perf_counter() - built:.1f} s", file=sys.stderr)
-    size = args.size if args.arch != "tiny" else 16
+    size = FIXED_SIZE.get(args.arch, args.size)
     sizes = [int(n) for n in args.n.split(",")]
     folder = Path(tempfile.mkdtemp(prefix="cmlora-bench-"))
     files = [
@@ -219,8 +229,10 @@ def run(args) -> dict:
     for n in sizes:
         loras = [LoRA(files[k], category=CATEGORY_ORDER[k]) for k in range(n)]
         with Composer(pipe, loras) as composer:
-            for label in args.methods.split(","):
+            for label, batch in _runs(args.methods.split(","), args.batch):
                 method, variant, options = METHODS[label]
+                if args.batch == "both" and batch == "on":
+                    label = f"{label} batched"
                 kwargs = dict(
                     prompt="a photo",
                     method=method,
@@ -232,8 +244,8 @@ def run(args) -> dict:
                     progress=False,
                     **options,
                 )
-                if args.batch != "auto":
-                    kwargs["batch_calls"] = args.batch == "on"
+                if batch != "auto":
+                    kwargs["batch_calls"] = batch == "on"
                 composer.generate(seed=0, **{**kwargs, "num_inference_steps": 2})  # warm-up, counts MACs
                 seconds, records = [], []
                 with PeakMemory(args.device) as memory:
@@ -290,6 +302,18 @@ def run(args) -> dict:
     }
 
 
+def _runs(labels: list[str], batch: str) -> list[tuple[str, str]]:
+    """(method label, batch mode) pairs; "both" times each multi-call method sequential, then batched."""
+    if batch != "both":
+        return [(label, batch) for label in labels]
+    runs = []
+    for label in labels:
+        runs.append((label, "off"))
+        if label not in SINGLE_CALL:
+            runs.append((label, "on"))
+    return runs
+
+
 def table(result: dict) -> str:
     lines = [
         f"{result['arch']} {result['size']}x{result['size']} T={result['steps']} {result['dtype']} "
@@ -304,6 +328,23 @@ def table(result: dict) -> str:
             f"{r['gmacs']:.0f} | {100 * r['outside_unet_share']:.1f}% | {r['peak_memory_gb']:.2f} | "
             f"{r.get('x_merge', float('nan')):.2f} | {speedup:.2f}x |"
         )
+    rows = {(r["n"], r["method"]): r for r in result["rows"]}
+    pairs = [
+        (rows[key], rows[(key[0], f"{key[1]} batched")])
+        for key in rows
+        if (key[0], f"{key[1]} batched") in rows
+    ]
+    if pairs:
+        lines += [
+            "",
+            "| N | method | sequential s | batched s | batched / sequential | peak GB sequential -> batched |",
+            "|---|---|---|---|---|---|",
+        ]
+        for seq, bat in pairs:
+            lines.append(
+                f"| {seq['n']} | {seq['method']} | {seq['seconds']:.2f} | {bat['seconds']:.2f} | "
+                f"{bat['seconds'] / seq['seconds']:.2f} | {seq['peak_memory_gb']:.2f} -> {bat['peak_memory_gb']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -321,9 +362,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--batch",
-        choices=("auto", "on", "off"),
+        choices=("auto", "on", "off", "both"),
         default="auto",
-        help="batch a step's per-LoRA calls into one UNet call (auto: on for CUDA)",
+        help="batch a step's per-LoRA calls into one UNet call (auto: the library's default, on; both: time each multi-call method both ways, to decide it)",
     )
     parser.add_argument(
         "--preset",

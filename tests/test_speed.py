@@ -50,36 +50,43 @@ def test_router_activation_is_constant_time(sd15, sd15_loras):
     assert per_switch < 20e-6  # a UNet call of even the tiny model takes milliseconds
 
 
-def test_speed_benchmark_smoke(tmp_path):
+def run_speed(tmp_path, *extra: str) -> tuple[dict, str]:
+    """The benchmark at tiny size as a user runs it: (its JSON, its printed table)."""
     out = tmp_path / "speed.json"
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "speed.py"),
-            "--arch",
-            "tiny",
-            "--n",
-            "2",
-            "--steps",
-            "3",
-            "--repeats",
-            "1",
-            "--threads",
-            "1",
-            "--rank",
-            "4",
-            "--out",
-            str(out),
-        ],
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--arch", "tiny", "--n", "2", "--steps", "3"]
+        + ["--repeats", "1", "--threads", "1", "--rank", "4", "--out", str(out), *extra],
         check=True,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_speed_benchmark_smoke(tmp_path):
+    result, _ = run_speed(tmp_path)
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) >= {"merge", "switch", "composite", "cmlora-offline", "cmlora-reference-c3"}
     assert rows["composite"]["full_calls"] == 2 * 3 and rows["composite"]["cached_calls"] == 0
     assert rows["cmlora-reference-c3"]["full_calls"] == 2 + (3 - 1) // 3
     assert rows["composite"]["x_composite"] == 1.0
     assert all(0.0 <= r["outside_unet_share"] < 1.0 for r in rows.values())
+
+
+def test_speed_benchmark_times_both_batching_paths(tmp_path):
+    """--batch both: each multi-call method sequential then batched, same calls, and the comparison."""
+    result, printed = run_speed(tmp_path, "--methods", "merge,composite,cmlora-offline", "--batch", "both")
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == [
+        "merge",
+        "composite",
+        "composite batched",
+        "cmlora-offline",
+        "cmlora-offline batched",
+    ]
+    assert [r["batched"] for r in rows.values()] == [False, False, True, False, True]
+    for label in ("composite", "cmlora-offline"):
+        seq, bat = rows[label], rows[f"{label} batched"]
+        assert (seq["full_calls"], seq["cached_calls"]) == (bat["full_calls"], bat["cached_calls"])
+    assert "| 2 | composite | " in printed and "batched / sequential" in printed

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Time the VAE, detector and base stages of the mini world without touching the shipped assets:
+# each stage runs STEPS steps (default 100) into a temporary assets folder, and the full-length cost is
+# extrapolated as  set-up + default steps x (seconds per step), both read off the stage's own log.
+#   bash scripts/mini/time_stages.sh            # about 10 minutes on 2 cores
+#   LOGS=/some/dir bash scripts/mini/time_stages.sh --parse-only   # re-read logs of an earlier run
+set -euo pipefail
+STEPS=${STEPS:-100}
+THREADS=${THREADS:-2}
+LOGS=${LOGS:-$(mktemp -d)}
+if [[ "${1:-}" != "--parse-only" ]]; then
+  export CMLORA_MINI_ASSETS="$LOGS/assets"
+  mkdir -p "$CMLORA_MINI_ASSETS"
+  cp "$(python -c 'import cmlora.mini as m; print(m.assets_dir())')/prompts.json" "$CMLORA_MINI_ASSETS/"
+  for stage in vae detectors base; do
+    start=$(date +%s.%N)
+    python -m cmlora.mini.train "$stage" "--${stage/detectors/det}-steps" "$STEPS" \
+      --work "$LOGS/work" --threads "$THREADS" > "$LOGS/$stage.log" 2>&1
+    echo "$(date +%s.%N) - $start" | bc > "$LOGS/$stage.total"
+  done
+fi
+# Default steps of each stage (python -m cmlora.mini.train --help).
+declare -A FULL=([vae]=1500 [detectors]=2000 [base]=5000)
+sum=0
+for stage in vae detectors base; do
+  total=$(cat "$LOGS/$stage.total")
+  # first and last "step K ... Ns" lines of the stage's log
+  read -r k0 s0 k1 s1 <<< "$(grep -E " step [0-9]+ " "$LOGS/$stage.log" |
+    sed -E 's/.* step ([0-9]+) .* ([0-9]+)s$/\1 \2/' | sed -n '1p;$p' | tr '\n' ' ')"
+  per_step=$(echo "scale=4; ($s1 - $s0) / ($k1 - $k0)" | bc)
+  setup=$(echo "scale=1; $total - ($s1 - $s0)" | bc)
+  full=$(echo "scale=1; $setup + ${FULL[$stage]} * $per_step" | bc)
+  sum=$(echo "scale=1; $sum + $full" | bc)
+  printf '%-10s %6.1f s for %d steps: %.3f s/step, set-up %.0f s -> %d steps: %.0f s (%.1f min)\n' \
+    "$stage" "$total" "$((k1 + 1))" "$per_step" "$setup" "${FULL[$stage]}" "$full" "$(echo "$full / 60" | bc -l)"
+done
+printf 'vae + detectors + base at default length: %.0f s (%.1f min), %d threads\n' "$sum" "$(echo "$sum / 60" | bc -l)" "$THREADS"

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from cmlora.mini import SIZE as MINI_SIZE
+
 CATEGORY_ORDER = ("character", "clothing", "style", "background", "object")
 METHODS = {
     "merge": ("merge", None, {}),
@@ -163,7 +165,7 @@ def mini_pipeline(dtype: torch.dtype):
 
 ARCHS = {"sd15": sd15_pipeline, "sdxl": sdxl_pipeline, "tiny": tiny_pipeline, "mini": mini_pipeline}
 #: Image size of the architectures whose size is fixed by their training (the rest take --size).
-FIXED_SIZE = {"tiny": 16, "mini": 64}
+FIXED_SIZE = {"tiny": 16, "mini": MINI_SIZE}
 #: Methods that make one UNet call per step whatever N is: batching has nothing to group.
 SINGLE_CALL = {"merge", "switch"}
 
@@ -364,7 +366,8 @@ def main(argv=None) -> int:
         "--batch",
         choices=("auto", "on", "off", "both"),
         default="auto",
-        help="batch a step's per-LoRA calls into one UNet call (auto: the library's default, on; both: time each multi-call method both ways, to decide it)",
+        help="batch a step's per-LoRA calls into one UNet call (auto: the library's default, on; "
+        "both: time each multi-call method both ways, to decide it)",
     )
     parser.add_argument(
         "--preset",

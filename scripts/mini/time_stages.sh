@@ -19,8 +19,11 @@ if [[ "${1:-}" != "--parse-only" ]]; then
     echo "$(date +%s.%N) - $start" | bc > "$LOGS/$stage.total"
   done
 fi
-# Default steps of each stage (python -m cmlora.mini.train --help).
-declare -A FULL=([vae]=1500 [detectors]=2000 [base]=5000)
+# Default steps of each stage, from the training script's own options.
+declare -A FULL
+for stage in vae detectors base; do
+  FULL[$stage]=$(python -c "from cmlora.mini.train import parser; print(parser().get_default('${stage/detectors/det}_steps'))")
+done
 sum=0
 for stage in vae detectors base; do
   total=$(cat "$LOGS/$stage.total")

@@ -128,7 +128,9 @@ class Composer:
         research: bool = False,
         progress: bool = True,
         on_step: Callable[[int, StepPlan], None] | None = None,
-        batch_calls: bool | None = None,
+        # Batched per-LoRA calls were never slower on CPU (mini: composite N=5 1.86x; SD-1.5 256 px:
+        # 1.32x, +0.5 GB peak; README, Speed, `benchmarks/speed.py --batch both`). False saves memory.
+        batch_calls: bool = True,
         **options,
     ) -> ComposeResult:
         pipe = self.pipe
@@ -164,7 +166,7 @@ class Composer:
             layer = options.get("cache_layer", 0)
             if isinstance(layer, int):  # a bad layer is reported by the method's own checks
                 options["cache_block"] = default_cache_block(pipe.unet, layer)
-        batch = _default_batching(pipe) if batch_calls is None else bool(batch_calls)
+        batch = bool(batch_calls)
         comp = self._composition(num_inference_steps, float(lora_scale))
         build_method(method, comp, variant, **options)  # validate every option before any work
         result = ComposeResult()
@@ -325,15 +327,6 @@ def compose(
     """Generate with a multi-LoRA method; the pipeline is left exactly as it was found."""
     with Composer(pipe, loras, allow_partial=allow_partial, allow_pickle=allow_pickle) as composer:
         return composer.generate(prompt=prompt, method=method, variant=variant, **kwargs)
-
-
-def _default_batching(pipe) -> bool:
-    """Batch a step's per-LoRA calls by default: measured faster on this project's CPU for both the
-    mini model (composite N=5 1.86x) and SD-1.5 at 256 px (1.32x; cmlora 1.02x) for about 0.5 GB
-    more peak memory there (README, Speed; `benchmarks/speed.py --batch both`). GPUs, which a single
-    small call leaves idle, were not measured here; pass batch_calls=False to save memory."""
-    del pipe  # one rule for every device until a device is measured to differ
-    return True
 
 
 def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:

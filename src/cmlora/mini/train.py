@@ -431,7 +431,8 @@ def train_loras(
         log(f"saved {cid}: {len(sd)} tensors")
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The stages' options; `scripts/mini/time_stages.sh` reads the default step counts from it."""
     ap = argparse.ArgumentParser(prog="python -m cmlora.mini.train")
     ap.add_argument("stage", choices=["vae", "detectors", "base", "loras", "info", "all"])
     ap.add_argument("--work", default="/tmp/mini_build")
@@ -448,7 +449,11 @@ def main(argv=None):
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--base-batch", type=int, default=32)
     ap.add_argument("--lora-batch", type=int, default=32)
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
     torch.set_num_threads(a.threads)
     os.makedirs(a.work, exist_ok=True)
     if a.stage in ("vae", "all"):

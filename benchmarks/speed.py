@@ -4,6 +4,7 @@ depend on the values), with N = 2..5 rank-64 LoRAs on all attention and feed-for
     python benchmarks/speed.py                       # CPU defaults: SD-1.5, 256x256, T=20, N=2..5
     python benchmarks/speed.py --preset gpu          # 512x512 SD-1.5 and 1024x1024 SDXL, fp16, CUDA
     python benchmarks/speed.py --arch tiny --n 2 --steps 3 --repeats 1   # smoke run (the test suite's)
+    python benchmarks/speed.py --arch mini --n 5 --compile inductor     # torch.compile against eager
 
 Per method and N: median seconds per image over repeats, full/cached UNet calls, UNet GMACs (attention
 counted), seconds inside UNet calls, share of the denoising loop spent outside UNet calls (activation,
@@ -231,6 +232,8 @@ def run(args) -> dict:
     for n in sizes:
         loras = [LoRA(files[k], category=CATEGORY_ORDER[k]) for k in range(n)]
         with Composer(pipe, loras) as composer:
+            if args.compile:
+                composer.compile(backend=args.compile)
             for label, batch in _runs(args.methods.split(","), args.batch):
                 method, variant, options = METHODS[label]
                 if args.batch == "both" and batch == "on":
@@ -248,7 +251,12 @@ def run(args) -> dict:
                 )
                 if batch != "auto":
                     kwargs["batch_calls"] = batch == "on"
-                composer.generate(seed=0, **{**kwargs, "num_inference_steps": 2})  # warm-up, counts MACs
+                # warm-up (counts MACs); compiled, it runs every step so that no timed image compiles
+                warmup = time.perf_counter()
+                composer.generate(
+                    seed=0, **{**kwargs, "num_inference_steps": args.steps if args.compile else 2}
+                )
+                warmup = time.perf_counter() - warmup
                 seconds, records = [], []
                 with PeakMemory(args.device) as memory:
                     for r in range(args.repeats):
@@ -274,6 +282,7 @@ def run(args) -> dict:
                         "loop_seconds": loop,
                         "outside_unet_share": (loop - unet) / loop if loop else 0.0,
                         "batched": rec["batched_calls"],
+                        "warmup_seconds": warmup,
                         "peak_memory_gb": memory.peak / 2**30,
                     }
                 )
@@ -292,6 +301,7 @@ def run(args) -> dict:
         "rank": args.rank,
         "repeats": args.repeats,
         "batch": args.batch,
+        "compile": args.compile,
         "threads": torch.get_num_threads(),
         "machine": {
             "platform": platform.platform(),
@@ -319,7 +329,8 @@ def _runs(labels: list[str], batch: str) -> list[tuple[str, str]]:
 def table(result: dict) -> str:
     lines = [
         f"{result['arch']} {result['size']}x{result['size']} T={result['steps']} {result['dtype']} "
-        f"{result['device']} rank {result['rank']}, median of {result['repeats']}",
+        f"{result['device']} rank {result['rank']}, median of {result['repeats']}"
+        + (f", UNet blocks compiled ({result['compile']})" if result.get("compile") else ""),
         "| N | method | s/image | full | cached | GMAC | outside UNet | peak GB | x merge | composite / this |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -374,6 +385,13 @@ def main(argv=None) -> int:
         choices=("cpu", "gpu"),
         default="cpu",
         help="gpu: SD-1.5 at 512 and SDXL at 1024, fp16, cuda (runs both)",
+    )
+    parser.add_argument(
+        "--compile",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the UNet's blocks with this backend (e.g. inductor); the warm-up image then "
+        "runs all steps, and its seconds (compilation included) are in the JSON as warmup_seconds",
     )
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args(argv)

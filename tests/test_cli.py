@@ -229,3 +229,16 @@ def test_generate_per_lora_intervals(sd15_loras, tmp_path):
     assert [step["full"] for step in record["trace"]] == [[first, second], [first, second], [first], [first]]
     with pytest.raises(SystemExit):
         main([*argv[:-3], "--intervals", "oops", "--out", str(tmp_path), "--quiet"])
+
+
+def test_generate_compile_flag_compiles_the_session_once(sd15_folder, sd15_loras, tmp_path, monkeypatch):
+    from cmlora.api import Composer
+
+    calls = []
+    monkeypatch.setattr(Composer, "compile", lambda self, **options: calls.append(options))
+    args = ["generate", "--base", str(sd15_folder), "--lora", str(sd15_loras[0]), "--prompt", "red"]
+    args += ["--steps", "1", "--size", "16x16", "--num-images", "2", "--out", str(tmp_path), "--quiet"]
+    assert main([*args, "--compile"]) == 0
+    assert main([*args, "--compile", "eager"]) == 0
+    assert main(args) == 0
+    assert calls == [{"backend": "inductor"}, {"backend": "eager"}]

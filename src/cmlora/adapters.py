@@ -8,6 +8,12 @@ batch row with its own adapter, as in PEFT's mixed-adapter batches).
 
 Wrappers are installed into the user's own pipeline and removed on ``detach()``, leaving the
 exact original module objects in place.
+
+Under ``torch.compile`` the eager selection above (a Python loop over adapter names) becomes a
+guard: every new active set recompiles the graph. ``AdapterSet.stack()`` therefore stacks each
+layer's factors (rank zero-padded to the layer's largest) and the router then selects adapters by
+index *tensors*, so a compiled graph depends only on the call's structure (row groups, number of
+active adapters), never on which LoRAs are active.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import OptionError
 from .loras import LoRAFile, ResolvedModule, base_layer
 
 Activation = tuple[tuple[str, float], ...]
@@ -31,21 +38,53 @@ class RowGroup:
     active: Activation
 
 
+Selection = tuple[tuple[slice | None, torch.Tensor, torch.Tensor], ...]
+"""Stacked mode: per row group (None = all rows), adapter indices and their strengths, as tensors."""
+
+
 class Router:
     """What every wrapper of one model applies on the current forward pass."""
 
     def __init__(self) -> None:
         self.active: Activation = ()
         self.rows: tuple[RowGroup, ...] | None = None
+        self.slots: dict[str, int] | None = None  # stacked mode: adapter name -> stack index
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype | None = None
+        self.selection: Selection = ()
 
     def set(self, active: Activation) -> None:
         self.active, self.rows = active, None
+        self.selection = self._select([(None, active)])
 
     def set_rows(self, groups: Sequence[RowGroup]) -> None:
         self.active, self.rows = (), tuple(groups)
+        self.selection = self._select([(g.rows, g.active) for g in groups])
 
     def clear(self) -> None:
-        self.active, self.rows = (), None
+        self.active, self.rows, self.selection = (), None, ()
+
+    def stack(self, names: Sequence[str], device: torch.device, dtype: torch.dtype) -> None:
+        self.slots = {name: k for k, name in enumerate(names)}
+        self.device, self.dtype = device, dtype
+
+    def _select(self, groups: list[tuple[slice | None, Activation]]) -> Selection:
+        if self.slots is None:
+            return ()
+        picked = [
+            (rows, [(self.slots[n], s) for n, s in active if s != 0.0 and n in self.slots])
+            for rows, active in groups
+        ]
+        if all(not chosen for _, chosen in picked):
+            return ()
+        return tuple(
+            (
+                rows,
+                torch.tensor([k for k, _ in chosen], dtype=torch.long, device=self.device),
+                torch.tensor([s for _, s in chosen], dtype=self.dtype, device=self.device),
+            )
+            for rows, chosen in picked
+        )
 
 
 class _Delta:
@@ -70,6 +109,10 @@ class LoRAWrapped(torch.nn.Module):
         self.base = base
         self.router = router
         self.deltas: dict[str, _Delta] = {}
+        # stacked mode (see the module docstring): [adapters, rank, in(, kh, kw)], [adapters, out, rank]
+        self.down_stack: torch.Tensor | None = None
+        self.up_stack: torch.Tensor | None = None
+        self.scales: torch.Tensor | None = None
 
     def add(self, name: str, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
         weight = self.base.weight
@@ -88,9 +131,66 @@ class LoRAWrapped(torch.nn.Module):
                 down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1), scale, None
             )
 
+    def check_stackable(self) -> None:
+        if any(d.conv_args is not None and d.up.shape[2:] != (1, 1) for d in self.deltas.values()):
+            raise OptionError(
+                "compile needs 1x1 up-projections on convolution LoRAs; a LoRA in this composition has "
+                f"up kernels {sorted({tuple(d.up.shape[2:]) for d in self.deltas.values()})}: "
+                "generate without compile"
+            )
+
+    def stack(self, names: Sequence[str]) -> None:
+        """Stack the factors of ``names`` (zeros where an adapter lacks this layer). The deltas then
+        view into the stacks, so the factors are held once."""
+        weight = self.base.weight
+        present = [self.deltas[n] for n in names if n in self.deltas]
+        rank = max(d.down.shape[0] for d in present)
+        shape = (len(names), rank, *present[0].down.shape[1:])
+        down = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        up = torch.zeros((len(names), present[0].up.shape[0], rank), dtype=weight.dtype, device=weight.device)
+        scales = torch.zeros(len(names), dtype=weight.dtype, device=weight.device)
+        for k, name in enumerate(names):
+            delta = self.deltas.get(name)
+            if delta is not None:
+                r = delta.down.shape[0]
+                down[k, :r] = delta.down
+                up[k, :, :r] = delta.up.reshape(delta.up.shape[0], r)
+                scales[k] = delta.scale
+                delta.down, delta.up = down[k, :r], up[k, :, :r].view(delta.up.shape)
+        self.down_stack, self.up_stack, self.scales = down, up, scales
+
+    def _stacked_delta(self, x: torch.Tensor, index: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+        """The sum of the selected adapters' deltas as one low-rank product of rank k x rank."""
+        down = self.down_stack.index_select(0, index)
+        up = self.up_stack.index_select(0, index)
+        weight = strength * self.scales.index_select(0, index)
+        k, rank = down.shape[0], down.shape[1]
+        up = up.permute(1, 0, 2).reshape(up.shape[1], k * rank)
+        conv_args = next(iter(self.deltas.values())).conv_args
+        if conv_args is None:
+            h = F.linear(x, down.flatten(0, 1))
+            h = (h.unflatten(-1, (k, rank)) * weight[:, None]).flatten(-2)
+            return F.linear(h, up)
+        h = F.conv2d(x, down.flatten(0, 1), **conv_args)
+        h = (h.unflatten(1, (k, rank)) * weight[:, None, None, None]).flatten(1, 2)
+        return F.conv2d(h, up[:, :, None, None])
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
         router = self.router
+        if router.slots is not None and self.down_stack is not None:
+            selection = router.selection
+            if not selection:
+                return out
+            if selection[0][0] is None:
+                _, index, strength = selection[0]
+                return out + self._stacked_delta(x, index, strength)
+            return torch.cat(
+                [
+                    out[rows] + self._stacked_delta(x[rows], index, strength)
+                    for rows, index, strength in selection
+                ]
+            )
         if router.rows is None:
             for name, strength in router.active:
                 delta = self.deltas.get(name)
@@ -148,6 +248,18 @@ class AdapterSet:
         self._wrapped[key] = wrapper
         return wrapper
 
+    def stack(self) -> None:
+        """Switch the UNet's wrappers to index-tensor selection (for ``torch.compile``)."""
+        names = [n for n in self.names if "unet" in self.components[n]]
+        wrappers = [w for (component, _), w in self._wrapped.items() if component == "unet"]
+        for wrapper in wrappers:  # every layer checked before any changes
+            wrapper.check_stackable()
+        for wrapper in wrappers:
+            wrapper.stack(names)
+        weight = wrappers[0].base.weight if wrappers else None
+        if weight is not None:
+            self.unet.stack(names, weight.device, weight.dtype)
+
     def detach(self) -> None:
         for parent, child, original in reversed(self._originals):
             setattr(parent, child, original)
@@ -156,6 +268,7 @@ class AdapterSet:
         self.names.clear()
         for router in self.routers.values():
             router.clear()
+            router.slots = None
 
     @property
     def unet(self) -> Router:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .adapters import AdapterSet
+from .compiled import composing
 from .errors import OptionError
 from .loras import LoRA, LoRAFile, read_lora_file, resolve
 from .macs import MacCounter
@@ -67,8 +69,19 @@ class Composer:
             self.adapters.detach()
             raise
         self.macs = MacCounter(pipe.unet)
+        self.compiled = False
         for lora_file in files:  # tensors now live in the wrappers, on the model's device
             lora_file.modules.clear()
+
+    def compile(self, **options) -> None:
+        """``torch.compile`` the UNet's blocks for this session (``options`` go to torch.compile,
+        e.g. ``mode="max-autotune"``); switching LoRAs does not recompile. Undone by ``close()``."""
+        from .compiled import compile_blocks
+
+        if not self.compiled:
+            self.adapters.stack()
+            compile_blocks(self.pipe.unet, **options)
+            self.compiled = True
 
     def __enter__(self) -> Composer:
         return self
@@ -77,6 +90,11 @@ class Composer:
         self.close()
 
     def close(self) -> None:
+        if self.compiled:
+            from .compiled import uncompile_blocks
+
+            uncompile_blocks(self.pipe.unet)
+            self.compiled = False
         self.adapters.detach()
 
     # ------------------------------------------------------------------ generation
@@ -209,7 +227,7 @@ class Composer:
         pipe = self.pipe
         start = time.perf_counter()
         cfg = guidance > 1.0
-        with torch.inference_mode():
+        with torch.inference_mode(), composing() if self.compiled else nullcontext():
             conditionings = self._encode(method, prompt, negative_prompt, cfg, height, width)
             scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
             device = pipe._execution_device

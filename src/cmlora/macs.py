@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable
 import torch
 
 from .adapters import LoRAWrapped
+from .compiled import eager
 
 
 def _attention_types() -> tuple[type, ...]:
@@ -81,7 +82,8 @@ class MacCounter:
             elif isinstance(module, attention):
                 handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
         try:
-            result = run()
+            with eager():  # hooks must not enter (or invalidate) compiled graphs
+                result = run()
         finally:
             for handle in handles:
                 handle.remove()

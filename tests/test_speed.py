@@ -90,4 +90,3 @@ def test_speed_benchmark_times_both_batching_paths(tmp_path):
         seq, bat = rows[label], rows[f"{label} batched"]
         assert (seq["full_calls"], seq["cached_calls"]) == (bat["full_calls"], bat["cached_calls"])
     assert "| 2 | composite | " in printed and "batched / sequential" in printed
-

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .adapters import AdapterSet
-from .compiled import composing
+from .compiled import compile_blocks, composing, uncompile_blocks
 from .errors import OptionError
 from .loras import LoRA, LoRAFile, read_lora_file, resolve
 from .macs import MacCounter
@@ -76,8 +76,6 @@ class Composer:
     def compile(self, **options) -> None:
         """``torch.compile`` the UNet's blocks for this session (``options`` go to torch.compile,
         e.g. ``mode="max-autotune"``); switching LoRAs does not recompile. Undone by ``close()``."""
-        from .compiled import compile_blocks
-
         if not self.compiled:
             self.adapters.stack()
             compile_blocks(self.pipe.unet, **options)
@@ -91,8 +89,6 @@ class Composer:
 
     def close(self) -> None:
         if self.compiled:
-            from .compiled import uncompile_blocks
-
             uncompile_blocks(self.pipe.unet)
             self.compiled = False
         self.adapters.detach()

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import torch
 
 #: Graph cache entries allowed per block class while composing. Entries are bounded by block shapes
-#: x call structures (a few dozen on SDXL), not by LoRA switches; dynamo's default of 8 would make
-#: the later block shapes fall back to eager silently.
+#: x call structures, not by LoRA switches, and can exceed dynamo's default of 8, past which a
+#: block silently runs eager ("hit config.recompile_limit").
 RECOMPILE_LIMIT = 256
 
 
@@ -28,12 +28,10 @@ def _blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in unet.modules() if isinstance(m, ResnetBlock2D | Transformer2DModel)]
 
 
-def compile_blocks(unet: torch.nn.Module, **options) -> int:
-    """Compile every resnet and transformer block of ``unet`` in place; returns how many."""
-    blocks = _blocks(unet)
-    for block in blocks:
+def compile_blocks(unet: torch.nn.Module, **options) -> None:
+    """Compile every resnet and transformer block of ``unet`` in place."""
+    for block in _blocks(unet):
         block.compile(**options)
-    return len(blocks)
 
 
 def uncompile_blocks(unet: torch.nn.Module) -> None:

@@ -178,7 +178,7 @@ class LoRAWrapped(torch.nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
         router = self.router
-        if router.slots is not None and self.down_stack is not None:
+        if self.down_stack is not None:  # stacked mode: AdapterSet.stack() set the router up too
             selection = router.selection
             if not selection:
                 return out

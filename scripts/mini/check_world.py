@@ -1,7 +1,7 @@
 """Measure the mini world: detector accuracy (+ confusion tables) on held-out renders, and for every LoRA
 the detection rate of its concept with the LoRA alone vs with the base model alone.
 
-    python scripts/mini/check_world.py [--seeds 20] [--steps 20] [--cfg 5] [--out /tmp/mini_check]
+    python scripts/mini/check_world.py [--seeds 20] [--steps 20] [--cfg 5] [--out /tmp/mini_check] [--only ID ...]
 """
 
 from __future__ import annotations
@@ -70,7 +70,11 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="/tmp/mini_check")
     ap.add_argument("--skip-detectors", action="store_true")
+    ap.add_argument("--only", nargs="*", default=None, metavar="ID", help="check only these LoRAs")
     a = ap.parse_args()
+    unknown = sorted(set(a.only or ()) - set(world.CONCEPT_IDS))
+    if unknown:
+        ap.error(f"unknown LoRA ids {unknown}; the mini world has {list(world.CONCEPT_IDS)}")
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
@@ -90,7 +94,7 @@ def main():
     print(
         f"== single LoRA vs base: {a.seeds} seeds, DPM-Solver++ {a.steps} steps, CFG {a.cfg}, prompt = base + triggers"
     )
-    for cid in world.CONCEPT_IDS:
+    for cid in a.only or world.CONCEPT_IDS:
         cat = world.CONCEPT_BY_ID[cid]["category"]
         prompt = world.trigger_prompt([cid])
         pipe.unet = base_unet

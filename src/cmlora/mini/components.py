@@ -34,7 +34,9 @@ UNET_CONFIG = dict(
     block_out_channels=(32, 64, 64),
     layers_per_block=1,
     cross_attention_dim=64,
-    attention_head_dim=8,
+    # diffusers reads this as the number of heads: 2 heads of width 16/32. With 8 (widths 4 and 8)
+    # CPU attention kernels took half of a training step for no gain at this size.
+    attention_head_dim=2,
     norm_num_groups=16,
     transformer_layers_per_block=1,
 )
@@ -60,9 +62,13 @@ SCHEDULER_CONFIG = dict(
 
 
 def write_tokenizer_files(folder: str) -> None:
-    """Write vocab.json / merges.txt of a small CLIP BPE learnt (deterministically) on the mini-world word
-    list with the ``tokenizers`` trainer run to completion, so every known word is one token; any other
-    word falls back to characters (all single characters and their '</w>' forms are in the vocab)."""
+    """Write vocab.json / merges.txt of a small CLIP BPE learnt on the mini-world word list with the
+    ``tokenizers`` trainer run to completion, so every known word is one token; any other word falls
+    back to characters (all single characters and their '</w>' forms are in the vocab).
+
+    The trainer breaks ties between equally frequent pairs in an order that differs between runs, so
+    a retrain gives the same words but some tokens other ids (and a text encoder trained on those);
+    the shipped tokenizer is the one its text encoder was trained with."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     os.makedirs(folder, exist_ok=True)
@@ -81,7 +87,6 @@ def write_tokenizer_files(folder: str) -> None:
     words = world.vocabulary_words() + PUNCT
     tk.train_from_iterator([" ".join(words)] * 2, trainer=trainer)
     learnt = tk.get_vocab()
-    merges = tk.model.__getstate__() if False else None  # noqa: F841 (merges read from JSON below)
     state = json.loads(tk.to_str())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
     vocab: dict[str, int] = {}

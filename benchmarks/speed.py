@@ -206,7 +206,8 @@ class PeakMemory:
             self._thread.join()
 
 
-def run(args) -> dict:
+def run(args, save=None) -> dict:
+    """``save`` gets the result so far after each N: a run stopped by a time limit keeps its rows."""
     from cmlora import LoRA
     from cmlora.api import Composer
     from cmlora.tiny import write_random_lora
@@ -287,6 +288,12 @@ def run(args) -> dict:
                     }
                 )
                 print(f"N={n} {label:22s} {rows[-1]['seconds']:8.2f} s", file=sys.stderr)
+        if save is not None:
+            save(_result(args, size, rows))
+    return _result(args, size, rows)
+
+
+def _result(args, size: int, rows: list[dict]) -> dict:
     for row in rows:
         same_n = {r["method"]: r for r in rows if r["n"] == row["n"]}
         for ref in ("merge", "composite"):
@@ -395,17 +402,21 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args(argv)
-    results = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+
+    def save(partial: dict) -> None:
+        both = [*results, partial]
+        out.write_text(json.dumps(both if len(both) > 1 else both[0], indent=1))
+
     if args.preset == "gpu":
         args.device, args.dtype = "cuda", "fp16"
         for arch, size in (("sd15", 512), ("sdxl", 1024)):
             args.arch, args.size = arch, size
-            results.append(run(args))
+            results.append(run(args, save))
     else:
-        results.append(run(args))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results if len(results) > 1 else results[0], indent=1))
+        results.append(run(args, save))
     for result in results:
         print(table(result))
     print(f"wrote {out}")

@@ -109,6 +109,7 @@ class CallExecutor:
         signature = (mode, tuple(xb.shape), tuple(embeds.shape), tuple(c.adapters for c in calls))
         keys = [c.cache_key or "+".join(n for n, _ in c.adapters) for c in calls]
         similarities: list[float | None] = [None] * len(calls)
+        _wait_for_device(x)
         start = time.perf_counter()
         try:
             if mode == "plain":
@@ -146,6 +147,7 @@ class CallExecutor:
                         self.cache[key] = fresh
         finally:
             router.clear()
+        _wait_for_device(x)
         counters.unet_seconds += time.perf_counter() - start
         counters.macs += macs
         if mode == "cached":
@@ -154,6 +156,14 @@ class CallExecutor:
             counters.full_calls += len(calls)
         counters.invocations += 1
         return list(zip(out.split(rows), similarities, strict=True))
+
+
+def _wait_for_device(x: torch.Tensor) -> None:
+    """CUDA kernels run asynchronously: without a barrier around each UNet call, its seconds would be
+    launch time only and the time outside UNet calls would absorb the GPU's work. One barrier per call
+    costs the overlap of a few kernel launches, far under a UNet call."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
 
 
 def _groups(calls: tuple[UNetCall, ...], batch: bool) -> list[list[int]]:

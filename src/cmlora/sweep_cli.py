@@ -306,8 +306,10 @@ class CompositionGenerator:
         profile=None,
         allow_partial: bool = False,
         allow_pickle: bool = False,
+        batch_calls: bool = True,
     ):
         self.base, self.methods, self.defaults, self.lora_path = base, methods, defaults, lora_path
+        self.batch_calls = batch_calls
         self.profile, self.allow_partial, self.allow_pickle = profile, allow_partial, allow_pickle
         self._composition: str | None = None
         self._composer = None
@@ -349,6 +351,7 @@ class CompositionGenerator:
             lora_scale=d["lora_scale"],
             profile=profile,
             progress=False,
+            batch_calls=self.batch_calls,
             **job.method_options,
         )
         record = result.records[0]

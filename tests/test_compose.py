@@ -9,6 +9,7 @@ from conftest import assert_same_state, pipeline_state
 
 from cmlora import LoRA, compose
 from cmlora.api import Composer
+from cmlora.errors import OptionError
 from cmlora.loras import read_lora_file, resolve
 from cmlora.macs import MacCounter
 from cmlora.methods import build_method
@@ -335,3 +336,60 @@ def test_batched_prediction_matches_sequential_to_1e5(sd15, sd15_loras):
         outs[batch] = scheduler.outputs
     for a, b in zip(outs[False], outs[True], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "which, method, variant, guidance",
+    [
+        ("sd15", "merge", None, 5.0),
+        ("sd15", "cmlora", "offline", 5.0),
+        ("sd15", "composite", None, 1.0),  # no CFG: the conditioning is repeated, not interleaved
+        ("sdxl", "cmlora", "reference", 5.0),  # SDXL's added text_embeds / time_ids repeated too
+    ],
+)
+def test_seed_batch_equals_one_image_per_loop(request, tmp_path, which, method, variant, guidance):
+    pipe = request.getfixturevalue(which)
+    paths = request.getfixturevalue("sd15_loras") if which == "sd15" else _sdxl_loras(pipe, tmp_path)
+    kwargs = dict(
+        method=method,
+        variant=variant,
+        prompt="red hair",
+        num_inference_steps=4,
+        guidance_scale=guidance,
+        height=16,
+        width=16,
+        seed=[7, 3, 11],
+        progress=False,
+    )
+    with Composer(pipe, [LoRA(p) for p in paths]) as composer:
+        alone = composer.generate(**kwargs)
+        together = composer.generate(**kwargs, batch_size=2)  # a batch of 2, then 1
+    assert [r["seed"] for r in together.records] == [7, 3, 11]
+    assert [r["batch_size"] for r in together.records] == [2, 2, 1]
+    assert [r["batch_size"] for r in alone.records] == [1, 1, 1]
+    for a, b, ra, rb in zip(alone.images, together.images, alone.records, together.records, strict=True):
+        diff = np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32))
+        assert diff.max() <= 1.0  # 8-bit images: at most one level apart
+        assert (ra["full_calls"], ra["cached_calls"], ra["macs"]) == (
+            rb["full_calls"],
+            rb["cached_calls"],
+            rb["macs"],
+        )
+        assert ra["trace"] == rb["trace"]
+    assert len({np.asarray(im).tobytes() for im in together.images}) == 3  # each seed its own image
+
+
+def _sdxl_loras(pipe, folder):
+    from cmlora.tiny import write_random_lora
+
+    return [write_random_lora(pipe, folder / f"x{k}.safetensors", seed=k) for k in range(2)]
+
+
+def test_seed_batch_keeps_one_image_per_loop_where_the_plan_reads_the_latents(sd15, sd15_loras):
+    kwargs = dict(prompt="red", num_inference_steps=3, height=16, width=16, seed=[1, 2], progress=False)
+    with Composer(sd15, [LoRA(p) for p in sd15_loras]) as composer:
+        online = composer.generate(method="cmlora", variant="online", batch_size=2, **kwargs)
+        research = composer.generate(method="merge", research=True, batch_size=2, **kwargs)
+        with pytest.raises(OptionError, match="batch_size must be an integer >= 1, got 0"):
+            composer.generate(method="merge", batch_size=0, **kwargs)
+    assert [r["batch_size"] for r in online.records + research.records] == [1, 1, 1, 1]

@@ -551,3 +551,73 @@ def test_distributed_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "four")
     with pytest.raises(SweepError, match="WORLD_SIZE"):
         distributed_env()
+
+
+class _SeedBatches:
+    """The fake generator with a many(jobs) method that records the groups it was given."""
+
+    def __init__(self) -> None:
+        self.one = make_generate()
+        self.groups: list[list[str]] = []
+
+    def __call__(self, job: SweepJob):
+        self.groups.append([job.job_id])
+        return self.one(job)
+
+    def many(self, jobs: list[SweepJob]):
+        self.groups.append([j.job_id for j in jobs])
+        return [self.one(j) for j in jobs]
+
+
+def test_seed_batches_reach_many_whole_and_give_the_same_folder(
+    tmp_path: Path, reference: dict[str, bytes]
+) -> None:
+    settings, jobs = build()
+    pairs = {}
+    for rank in (0, 1):  # two shards: a group of seeds is never split between them
+        generate = _SeedBatches()
+        run_sweep(tmp_path, settings, jobs, generate, progress=False, rank=rank, world_size=2, batch_size=2)
+        pairs[rank] = generate.groups
+    assert _snapshot(tmp_path) == reference
+    groups = pairs[0] + pairs[1]
+    assert len(groups) == len(jobs) // 2 and all(len(g) == 2 for g in groups)
+    for a, b in groups:  # same composition and method, seeds 0 and 1
+        assert a.rsplit("--s", 1) == [b.rsplit("--s", 1)[0], "0"] and b.endswith("--s1")
+    assert sorted(pairs[0]) != sorted(pairs[1])
+
+
+def test_seed_batches_resume_with_the_jobs_left(tmp_path: Path, reference: dict[str, bytes]) -> None:
+    settings, jobs = build()
+    run_sweep(tmp_path, settings, jobs, make_generate(), progress=False, rank=0, world_size=1)
+    seed1 = [j for j in jobs if j.seed_index == 1]
+    lost = seed1[:5] + [
+        j for j in jobs if j.method == seed1[5].method and j.composition == seed1[5].composition
+    ]
+    for job in lost:  # five seed-1 images, and both seeds of one more pair
+        for suffix in (".png", ".json"):
+            (tmp_path / "images" / f"{job.job_id}{suffix}").unlink()
+    generate = _SeedBatches()
+    run_sweep(tmp_path, settings, jobs, generate, progress=False, rank=0, world_size=1, batch_size=2)
+    assert _snapshot(tmp_path) == reference
+    assert sorted(sorted(g) for g in generate.groups) == sorted(
+        [[j.job_id] for j in seed1[:5]] + [sorted(j.job_id for j in lost[5:])]
+    )
+
+
+def test_seed_batch_settings_refused(tmp_path: Path) -> None:
+    settings, jobs = build(n_comps=1)
+    with pytest.raises(SweepError, match=r"batch_size=2 needs a generate with a many\(jobs\) method"):
+        run_sweep(
+            tmp_path, settings, jobs, make_generate(), progress=False, rank=0, world_size=1, batch_size=2
+        )
+    with pytest.raises(SweepError, match="batch_size must be an integer >= 1, got 0"):
+        run_sweep(
+            tmp_path, settings, jobs, _SeedBatches(), progress=False, rank=0, world_size=1, batch_size=0
+        )
+
+    class Short(_SeedBatches):
+        def many(self, jobs):
+            return super().many(jobs)[:1]
+
+    with pytest.raises(SweepError, match="returned 1 images for 2 jobs"):
+        run_sweep(tmp_path, settings, jobs, Short(), progress=False, rank=0, world_size=1, batch_size=2)

@@ -122,6 +122,26 @@ def test_sweep_single_and_sharded_are_identical(testbed, tmp_path):
     assert stable(single / "manifest.jsonl") == stable(sharded / "manifest.jsonl")
 
 
+def test_sweep_batch_size_denoises_seeds_together(testbed, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cmlora.cli import main
+
+    images = {}
+    for batch in (1, 2):
+        out = tmp_path / f"b{batch}"
+        argv = sweep_argv(testbed, out)
+        argv[argv.index("--seeds") + 1] = "2"
+        assert main([*argv, "--limit", "2", "--batch-size", str(batch)]) == 0
+        rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 * 2 * 2 and {r["batch_size"] for r in rows} == {batch}
+        images[batch] = {r["image"]: np.asarray(Image.open(out / r["image"]), dtype=np.float32) for r in rows}
+    assert images[1].keys() == images[2].keys()
+    for name, pixels in images[1].items():
+        assert np.abs(pixels - images[2][name]).max() <= 1.0
+
+
 def test_sweep_refuses_changed_settings(testbed, tmp_path):
     from cmlora.cli import main
 

@@ -145,11 +145,18 @@ class Composer:
         # Batched per-LoRA calls were never slower on CPU (mini: composite N=5 1.86x; SD-1.5 256 px:
         # 1.32x, +0.5 GB peak; README, Speed, `benchmarks/speed.py --batch both`). False saves memory.
         batch_calls: bool = True,
+        batch_size: int = 1,
         **options,
     ) -> ComposeResult:
+        """``batch_size`` seeds are denoised together, one UNet call serving all of them. On a small
+        model on a CPU a call costs the same at 2 and 4 rows, so this halves merge's time there. A
+        method whose plan reads the latents (cmlora online) and ``research`` runs keep one image per
+        loop, since their per-step statistic would mix the images; each record says its batch size."""
         pipe = self.pipe
         height, width = _check_size(pipe, height, width)
         seeds = _check_seeds(seed, num_images)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise OptionError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if not isinstance(prompt, str):
             raise OptionError(f"prompt must be a string, got {type(prompt).__name__}")
         if (
@@ -182,11 +189,12 @@ class Composer:
                 options["cache_block"] = default_cache_block(pipe.unet, layer)
         batch = bool(batch_calls)
         comp = self._composition(num_inference_steps, float(lora_scale))
-        build_method(method, comp, variant, **options)  # validate every option before any work
+        probe = build_method(method, comp, variant, **options)  # validate every option before any work
+        size = 1 if probe.needs_high_frequency or research else batch_size
         result = ComposeResult()
-        for image_seed in seeds:
+        for first in range(0, len(seeds), size):
             fresh = build_method(method, comp, variant, **options)
-            image, record = self._one_image(
+            images, records = self._images(
                 fresh,
                 prompt,
                 negative_prompt,
@@ -194,18 +202,19 @@ class Composer:
                 guidance_scale,
                 height,
                 width,
-                image_seed,
+                seeds[first : first + size],
                 research,
                 progress,
                 on_step,
                 batch,
             )
-            record["method_label"] = method_label(method, variant)
-            result.images.append(image)
-            result.records.append(record)
+            for record in records:
+                record["method_label"] = method_label(method, variant)
+            result.images.extend(images)
+            result.records.extend(records)
         return result
 
-    def _one_image(
+    def _images(
         self,
         method: Method,
         prompt,
@@ -214,21 +223,27 @@ class Composer:
         guidance,
         height,
         width,
-        seed,
+        seeds: list[int],
         research,
         progress,
         on_step,
         batch,
-    ) -> tuple:
+    ) -> tuple[list, list[dict]]:
+        """One denoising loop for ``seeds`` together; per-image records share its counts and split
+        its time and MACs evenly."""
         pipe = self.pipe
         start = time.perf_counter()
         cfg = guidance > 1.0
+        rows = len(seeds)
         with torch.inference_mode(), composing() if self.compiled else nullcontext():
             conditionings = self._encode(method, prompt, negative_prompt, cfg, height, width)
+            if rows > 1:
+                conditionings = {key: _per_image(c, rows) for key, c in conditionings.items()}
             scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
             device = pipe._execution_device
             scheduler.set_timesteps(steps, device=device)
-            latents = _initial_latents(pipe, seed, height, width, device) * scheduler.init_noise_sigma
+            noise = torch.cat([_initial_latents(pipe, seed, height, width, device) for seed in seeds])
+            latents = noise * scheduler.init_noise_sigma
             bar = _progress(steps, progress, method)
             try:
 
@@ -254,23 +269,27 @@ class Composer:
                 if bar is not None:
                     bar.close()
                 self.adapters.unet.clear()
-            image = decode(pipe, latents)[0]
+            images = decode(pipe, latents)
         seconds = time.perf_counter() - start
-        record = self._record(
-            method, prompt, negative_prompt, steps, guidance, height, width, seed, scheduler
-        )
-        record.update(
-            full_calls=counters.full_calls,
-            cached_calls=counters.cached_calls,
-            macs=counters.macs,
-            seconds=round(seconds, 4),
-            unet_seconds=round(counters.unet_seconds, 4),
-            loop_seconds=round(counters.loop_seconds, 4),
-            unet_invocations=counters.invocations,
-            batched_calls=batch,
-            trace=counters.trace,
-        )
-        return image, record
+        records = []
+        for seed in seeds:
+            record = self._record(
+                method, prompt, negative_prompt, steps, guidance, height, width, seed, scheduler
+            )
+            record.update(
+                full_calls=counters.full_calls,
+                cached_calls=counters.cached_calls,
+                macs=round(counters.macs / rows),
+                seconds=round(seconds / rows, 4),
+                unet_seconds=round(counters.unet_seconds / rows, 4),
+                loop_seconds=round(counters.loop_seconds / rows, 4),
+                unet_invocations=counters.invocations,
+                batched_calls=batch,
+                batch_size=rows,
+                trace=counters.trace,
+            )
+            records.append(record)
+        return images, records
 
     def _encode(self, method: Method, prompt, negative_prompt, cfg, height, width) -> dict[str, Conditioning]:
         """One text-encoder pass per distinct text-encoder activation the method needs."""
@@ -369,6 +388,13 @@ def _check_seeds(seed, num_images: int) -> list[int]:
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
             raise OptionError(f"seed must be an integer in [0, 2**63-1], got {s!r}")
     return seeds
+
+
+def _per_image(cond: Conditioning, images: int) -> Conditioning:
+    """Repeat each conditioning row once per image: with CFG, [uncond; cond] becomes
+    [uncond x B; cond x B], the order ``torch.cat([latents, latents])`` gives the latents."""
+    added = None if cond.added is None else {k: v.repeat_interleave(images, 0) for k, v in cond.added.items()}
+    return Conditioning(cond.embeds.repeat_interleave(images, 0), added)
 
 
 def _initial_latents(pipe, seed: int, height: int, width: int, device) -> torch.Tensor:

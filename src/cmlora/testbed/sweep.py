@@ -706,6 +706,17 @@ def _build_record(job: SweepJob, extra: dict[str, Any], seconds: float) -> dict[
     return record
 
 
+def _seed_groups(jobs: Sequence[SweepJob], batch_size: int) -> list[list[SweepJob]]:
+    """Jobs that differ only in their seed, in chunks of ``batch_size``, in order of first
+    appearance; with ``batch_size`` 1, each job alone in the order given."""
+    if batch_size == 1:
+        return [[job] for job in jobs]
+    by_key: dict[str, list[SweepJob]] = {}
+    for job in jobs:
+        by_key.setdefault(_dumps([job.composition.id, job.method, job.method_options]), []).append(job)
+    return [same[k : k + batch_size] for same in by_key.values() for k in range(0, len(same), batch_size)]
+
+
 def _validate(settings: dict[str, Any], jobs: Sequence[SweepJob], rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise SweepError(f"rank {rank} / world size {world_size} is impossible: need 0 <= rank < world_size")
@@ -743,6 +754,7 @@ def run_sweep(
     rank: int | None = None,
     world_size: int | None = None,
     progress: bool = True,
+    batch_size: int = 1,
 ) -> SweepSummary:
     """Make every image of ``jobs`` not yet in ``out_dir`` (this rank's share of them) and merge.
 
@@ -756,6 +768,10 @@ def run_sweep(
     ``cached_calls`` feed the summary); the job's own fields are added to it, and ``seconds`` is
     measured here when ``generate`` does not report it.
 
+    ``batch_size`` > 1 hands jobs that differ only in their seed (same composition, method and
+    options), up to that many, to ``generate.many(jobs)``, which returns one (image, record) per job
+    (``CompositionGenerator`` denoises them as one batch). Such a group always goes to one rank.
+
     Ctrl-C and SIGTERM stop the sweep between two files, never inside a job's commit, and are
     re-raised as :class:`KeyboardInterrupt` (a CLI should exit with status 130); re-running the
     same call then finishes the remaining images only.
@@ -765,6 +781,13 @@ def run_sweep(
     world_size = env_world if world_size is None else world_size
     jobs = list(jobs)
     _validate(settings, jobs, rank, world_size)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SweepError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if batch_size > 1 and not callable(getattr(generate, "many", None)):
+        raise SweepError(
+            f"batch_size={batch_size} needs a generate with a many(jobs) method; "
+            f"{type(generate).__name__} has none: use batch_size=1"
+        )
     settings = json.loads(json.dumps(settings))  # what run.json will hold, tuples as lists
 
     out = Path(out_dir)
@@ -781,7 +804,8 @@ def run_sweep(
         sweep.sheets.mkdir(exist_ok=True)
         sweep.remove_own_tmp()
 
-        mine = jobs[rank::world_size]
+        groups = _seed_groups(jobs, batch_size)[rank::world_size]
+        mine = [job for group in groups for job in group]
         done_records: list[dict[str, Any]] = []
         pending: list[SweepJob] = []
         for job in mine:
@@ -806,16 +830,27 @@ def run_sweep(
         )
         try:
             with _SignalGuard() as guard:
-                for job in pending:
-                    bar.set_postfix_str(job.method, refresh=False)
+                waiting = {job.job_id for job in pending}
+                for group in groups:
+                    todo = [job for job in group if job.job_id in waiting]
+                    if not todo:
+                        continue
+                    bar.set_postfix_str(todo[0].method, refresh=False)
                     start = time.perf_counter()
-                    image, extra = generate(job)
-                    record = _build_record(job, extra, time.perf_counter() - start)
-                    with guard.deferred():
-                        sweep.commit(job, image, record)
-                    generated += 1
-                    bar.update(1)
-                    sweep.make_sheet_if_complete(job.composition.id)
+                    made = generate.many(todo) if len(todo) > 1 else [generate(todo[0])]
+                    seconds = (time.perf_counter() - start) / len(todo)
+                    if len(made) != len(todo):
+                        raise SweepError(
+                            f"generate.many returned {len(made)} images for {len(todo)} jobs "
+                            f"({todo[0].job_id} ...)"
+                        )
+                    for job, (image, extra) in zip(todo, made, strict=True):
+                        record = _build_record(job, extra, seconds)
+                        with guard.deferred():
+                            sweep.commit(job, image, record)
+                        generated += 1
+                        bar.update(1)
+                    sweep.make_sheet_if_complete(todo[0].composition.id)
                 records, complete = sweep.merge()
         finally:
             bar.close()

@@ -393,3 +393,37 @@ def test_seed_batch_keeps_one_image_per_loop_where_the_plan_reads_the_latents(sd
         with pytest.raises(OptionError, match="batch_size must be an integer >= 1, got 0"):
             composer.generate(method="merge", batch_size=0, **kwargs)
     assert [r["batch_size"] for r in online.records + research.records] == [1, 1, 1, 1]
+
+
+def test_each_unet_call_is_timed_between_device_barriers(sd15, sd15_loras, monkeypatch):
+    """On CUDA the barriers make unet_seconds the GPU's work, not its launch time (no GPU in CI: the
+    barrier is recorded here, and its CUDA branch is checked with a stand-in tensor)."""
+    import types
+
+    import cmlora.sampler as sampler
+
+    events = []
+    monkeypatch.setattr(sampler, "_wait_for_device", lambda x: events.append("barrier"))
+    hook = sd15.unet.register_forward_hook(lambda *a: events.append("unet"))
+    try:
+        rec = compose(
+            sd15,
+            [LoRA(p) for p in sd15_loras[:2]],
+            method="composite",
+            prompt="girl",
+            num_inference_steps=3,
+            height=16,
+            width=16,
+            progress=False,
+            batch_calls=False,
+        ).records[0]
+    finally:
+        hook.remove()
+    assert rec["unet_invocations"] == 6 and events == ["barrier", "unet", "barrier"] * 6
+    monkeypatch.undo()
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    sampler._wait_for_device(torch.zeros(1))
+    sampler._wait_for_device(types.SimpleNamespace(is_cuda=True, device="cuda:1"))
+    assert synced == ["cuda:1"]

@@ -31,27 +31,15 @@ METHODS = {
 
 def run(args, save=None) -> dict:
     """``save`` gets the result so far after each precision: a run stopped by a time limit keeps them."""
-    import torch
-
     from cmlora import mini
     from cmlora.evaluate.concepts import concept_recall
     from cmlora.mini.detectors import detect
     from cmlora.models import load_base
-    from cmlora.sweep_cli import MINI_DEFAULTS, CompositionGenerator
-    from cmlora.testbed.compositions import enumerate_compositions, image_seed
-    from cmlora.testbed.info import parse_info
+    from cmlora.sweep_cli import MINI_DEFAULTS, CompositionGenerator, mini_compositions
+    from cmlora.testbed.compositions import image_seed
     from cmlora.testbed.sweep import SweepJob
 
-    torch.manual_seed(0)
-    info = parse_info(mini.info(), source="mini_lora_info.json")
-    prompts = mini.prompts()
-    comps = enumerate_compositions(
-        info,
-        (2, 3, 4, 5),
-        style="mini",
-        base_prompt=prompts["prompt"],
-        negative_prompt=prompts["negative_prompt"],
-    )[:: args.every]
+    comps = mini_compositions()[:: args.every]
     methods = {label: METHODS[label] for label in args.methods.split(",")}
     variants = [(dtype, True) for dtype in args.dtypes.split(",")] + [("fp32", False)]
     images: dict[tuple, np.ndarray] = {}

@@ -56,26 +56,14 @@ def run(args) -> dict:
 
     from cmlora.evaluate.concepts import score_run
     from cmlora.models import load_base
-    from cmlora.sweep_cli import MINI_DEFAULTS, CompositionGenerator
-    from cmlora.testbed.compositions import enumerate_compositions, image_seed
-    from cmlora.testbed.info import parse_info
+    from cmlora.sweep_cli import MINI_DEFAULTS, CompositionGenerator, mini_compositions
+    from cmlora.testbed.compositions import image_seed
     from cmlora.testbed.sweep import SweepJob, run_sweep
 
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load_base("mini", "cpu", "fp32")
-    from cmlora import mini
-
-    info = parse_info(mini.info(), source="mini_lora_info.json")
-    prompts = mini.prompts()
-    sizes = tuple(int(n) for n in args.n.split(","))
-    comps = enumerate_compositions(
-        info,
-        sizes,
-        style="mini",
-        base_prompt=prompts["prompt"],
-        negative_prompt=prompts.get("negative_prompt", ""),
-    )
+    comps = mini_compositions(tuple(int(n) for n in args.n.split(",")))
     comps = comps[:: args.every]  # every k-th: a subsample that keeps the mix of N and categories
     if args.limit:
         comps = comps[: args.limit]

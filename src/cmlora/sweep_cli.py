@@ -128,6 +128,23 @@ def add_sweep_subcommand(sub, common_model, add_method_flags) -> None:
     p.set_defaults(func=cmd_sweep)
 
 
+def mini_compositions(sizes: tuple[int, ...] = (2, 3, 4, 5)) -> list:
+    """The mini world's compositions of these sizes (240 for N = 2..5), with its prompts."""
+    from . import mini
+    from .testbed.compositions import enumerate_compositions
+    from .testbed.info import parse_info
+
+    info = parse_info(mini.info(), source="mini_lora_info.json")
+    prompts = mini.prompts()
+    return enumerate_compositions(
+        info,
+        sizes,
+        style="mini",
+        base_prompt=prompts["prompt"],
+        negative_prompt=prompts.get("negative_prompt", ""),
+    )
+
+
 def _testbed(args):
     from .testbed.compositions import enumerate_compositions
     from .testbed.info import load_info, load_testbed_info, load_testbed_prompts
@@ -145,12 +162,7 @@ def _testbed(args):
 
         if not mini_available():
             raise OptionError("the mini world's trained assets are not installed; use --testbed composlora")
-        from . import mini
-        from .testbed.info import parse_info
-
-        info = parse_info(mini.info(), source="mini_lora_info.json")
-        prompts = mini.prompts()
-        style, base_prompt, negative = "mini", prompts["prompt"], prompts.get("negative_prompt", "")
+        comps = mini_compositions(sizes)
         defaults = dict(MINI_DEFAULTS)
     else:
         info = load_info(args.info) if args.info else load_testbed_info(args.style)
@@ -171,9 +183,9 @@ def _testbed(args):
             raise OptionError(
                 f"--base is required for --testbed composlora (published base: {tb.base_model})"
             )
-    comps = enumerate_compositions(
-        info, sizes, style=style, base_prompt=base_prompt, negative_prompt=negative
-    )
+        comps = enumerate_compositions(
+            info, sizes, style=style, base_prompt=base_prompt, negative_prompt=negative
+        )
     if args.limit is not None:
         comps = comps[: args.limit]
     return comps, defaults

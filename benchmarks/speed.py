@@ -235,10 +235,12 @@ def run(args, save=None) -> dict:
         with Composer(pipe, loras) as composer:
             if args.compile:
                 composer.compile(backend=args.compile)
-            for label, batch in _runs(args.methods.split(","), args.batch):
+            for label, batch, fuse in _runs(args.methods.split(","), args.batch, args.fuse):
                 method, variant, options = METHODS[label]
                 if args.batch == "both" and batch == "on":
                     label = f"{label} batched"
+                if args.fuse == "both" and fuse == "on":
+                    label = f"{label} fused"
                 kwargs = dict(
                     prompt="a photo",
                     method=method,
@@ -252,6 +254,8 @@ def run(args, save=None) -> dict:
                 )
                 if batch != "auto":
                     kwargs["batch_calls"] = batch == "on"
+                if fuse != "auto":
+                    kwargs["fuse_loras"] = fuse == "on"
                 # warm-up (counts MACs); compiled, it runs every step so that no timed image compiles
                 warmup = time.perf_counter()
                 composer.generate(
@@ -283,6 +287,7 @@ def run(args, save=None) -> dict:
                         "loop_seconds": loop,
                         "outside_unet_share": (loop - unet) / loop if loop else 0.0,
                         "batched": rec["batched_calls"],
+                        "fused": rec["fused_loras"],
                         "warmup_seconds": warmup,
                         "peak_memory_gb": memory.peak / 2**30,
                     }
@@ -308,6 +313,7 @@ def _result(args, size: int, rows: list[dict]) -> dict:
         "rank": args.rank,
         "repeats": args.repeats,
         "batch": args.batch,
+        "fuse": args.fuse,
         "compile": args.compile,
         "threads": torch.get_num_threads(),
         "machine": {
@@ -321,15 +327,15 @@ def _result(args, size: int, rows: list[dict]) -> dict:
     }
 
 
-def _runs(labels: list[str], batch: str) -> list[tuple[str, str]]:
-    """(method label, batch mode) pairs; "both" times each multi-call method sequential, then batched."""
-    if batch != "both":
-        return [(label, batch) for label in labels]
+def _runs(labels: list[str], batch: str, fuse: str = "auto") -> list[tuple[str, str, str]]:
+    """(method label, batch mode, fuse mode): batch "both" times each multi-call method sequential,
+    then batched; fuse "both" times each single-call method un-fused, then fused."""
     runs = []
     for label in labels:
-        runs.append((label, "off"))
-        if label not in SINGLE_CALL:
-            runs.append((label, "on"))
+        multi = label not in SINGLE_CALL
+        batches = ("off", "on") if batch == "both" and multi else ("off",) if batch == "both" else (batch,)
+        fuses = ("off", "on") if fuse == "both" and not multi else ("off",) if fuse == "both" else (fuse,)
+        runs += [(label, b, f) for b in batches for f in fuses]
     return runs
 
 
@@ -349,21 +355,23 @@ def table(result: dict) -> str:
             f"{r.get('x_merge', float('nan')):.2f} | {speedup:.2f}x |"
         )
     rows = {(r["n"], r["method"]): r for r in result["rows"]}
-    pairs = [
-        (rows[key], rows[(key[0], f"{key[1]} batched")])
-        for key in rows
-        if (key[0], f"{key[1]} batched") in rows
-    ]
-    if pairs:
+    for suffix, before in (("batched", "sequential"), ("fused", "un-fused")):
+        pairs = [
+            (rows[key], rows[(key[0], f"{key[1]} {suffix}")])
+            for key in rows
+            if (key[0], f"{key[1]} {suffix}") in rows
+        ]
+        if not pairs:
+            continue
         lines += [
             "",
-            "| N | method | sequential s | batched s | batched / sequential | peak GB sequential -> batched |",
+            f"| N | method | {before} s | {suffix} s | {suffix} / {before} | peak GB {before} -> {suffix} |",
             "|---|---|---|---|---|---|",
         ]
-        for seq, bat in pairs:
+        for old, new in pairs:
             lines.append(
-                f"| {seq['n']} | {seq['method']} | {seq['seconds']:.2f} | {bat['seconds']:.2f} | "
-                f"{bat['seconds'] / seq['seconds']:.2f} | {seq['peak_memory_gb']:.2f} -> {bat['peak_memory_gb']:.2f} |"
+                f"| {old['n']} | {old['method']} | {old['seconds']:.2f} | {new['seconds']:.2f} | "
+                f"{new['seconds'] / old['seconds']:.2f} | {old['peak_memory_gb']:.2f} -> {new['peak_memory_gb']:.2f} |"
             )
     return "\n".join(lines)
 
@@ -386,6 +394,13 @@ def main(argv=None) -> int:
         default="auto",
         help="batch a step's per-LoRA calls into one UNet call (auto: the library's default, on; "
         "both: time each multi-call method both ways, to decide it)",
+    )
+    parser.add_argument(
+        "--fuse",
+        choices=("auto", "on", "off", "both"),
+        default="auto",
+        help="run merge's and switch's LoRAs fused into the weights (auto: the library's default, on; "
+        "both: time merge and switch un-fused, then fused)",
     )
     parser.add_argument(
         "--preset",

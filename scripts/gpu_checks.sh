@@ -6,7 +6,9 @@
 #
 # env: versions and the card; sd15: SD-1.5 512 fp16, all methods, N = 2..5, sequential and batched;
 # sdxl: SDXL 1024 fp16; dtype: fp32/fp16/bf16 on the mini world (benchmarks/dtype_check.py); compile:
-# SD-1.5 512 N = 5 with the UNet's blocks compiled by inductor.
+# SD-1.5 512 N = 5 with the UNet's blocks compiled by inductor. Environment: <STAGE>_LIMIT (seconds),
+# SD15_N / SDXL_N (LoRA counts), SD15_BATCH (both), SDXL_REPEATS (3), FUSE (auto; both times merge and
+# switch un-fused and fused).
 #
 # On a machine without cmlora installed, wheels in .whl/ (diffusers, peft) are installed to /tmp/site
 # and the source tree is put on PYTHONPATH.
@@ -19,7 +21,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site:src
 fi
 PY=${PY:-python3}
-SPEED=(benchmarks/speed.py --device cuda --dtype fp16)
+SPEED=(benchmarks/speed.py --device cuda --dtype fp16 --fuse ${FUSE:-auto})
 
 stage() {  # stage NAME SECONDS COMMAND...
     local name=$1 limit=$2
@@ -36,7 +38,7 @@ for name in "$@"; do
             $PY -c "import torch, diffusers, transformers, peft, cmlora; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())"
             ;;
         sd15)
-            stage sd15 ${SD15_LIMIT:-240} $PY "${SPEED[@]}" --arch sd15 --size 512 --n ${SD15_N:-5,2,3,4} --batch both --repeats 3 --out "$OUT/speed_gpu_sd15_512.json"
+            stage sd15 ${SD15_LIMIT:-240} $PY "${SPEED[@]}" --arch sd15 --size 512 --n ${SD15_N:-5,2,3,4} --batch ${SD15_BATCH:-both} --repeats 3 --out "$OUT/speed_gpu_sd15_512.json"
             ;;
         dtype)
             stage dtype ${DTYPE_LIMIT:-150} $PY benchmarks/dtype_check.py --device cuda --every ${DTYPE_EVERY:-40} --seeds 2 --out "$OUT/dtype_check_gpu.json"

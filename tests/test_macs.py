@@ -54,3 +54,27 @@ def test_macs_equal_an_independent_flop_count(request, tmp_path, which):
     for lora_on in (False, True):
         assert counts["full", lora_on] == counts["plain", lora_on] > counts["cached", lora_on]
     assert counts["plain", True] > counts["plain", False]  # the active LoRA's delta matmuls count
+
+
+def test_fused_macs_equal_an_independent_flop_count(sd15, tmp_path):
+    """A fused call runs one matmul per layer: its count is the base model's, and still half of
+    FlopCounterMode's FLOPs once the fused weights exist."""
+    pipe = copy.deepcopy(sd15)
+    pipe.unet.set_attn_processor(AttnProcessor())
+    unet = pipe.unet
+    lora = LoRA(write_random_lora(pipe, tmp_path / "l.safetensors", seed=2, rank=3))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ehs = torch.randn(2, 5, unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor(500)
+    with Composer(pipe, [lora]) as composer, torch.no_grad():
+        counts = {}
+        for fuse in (False, True):
+            composer.adapters.unet.set(((lora.adapter, 1.0),), fuse=fuse)
+            unet(x, t, ehs)  # builds the fused weights outside the count
+            with FlopCounterMode(display=False) as flops:
+                _, counts[fuse] = MacCounter(unet).count("plain", lambda: unet(x, t, ehs).sample)
+            assert 2 * counts[fuse] == flops.get_total_flops(), fuse
+        composer.adapters.unet.clear()
+        _, base = MacCounter(unet).count("plain", lambda: unet(x, t, ehs).sample)
+    assert counts[True] == base < counts[False]

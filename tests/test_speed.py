@@ -90,3 +90,16 @@ def test_speed_benchmark_times_both_batching_paths(tmp_path):
         seq, bat = rows[label], rows[f"{label} batched"]
         assert (seq["full_calls"], seq["cached_calls"]) == (bat["full_calls"], bat["cached_calls"])
     assert "| 2 | composite | " in printed and "batched / sequential" in printed
+
+
+def test_speed_benchmark_times_both_fusing_paths(tmp_path):
+    """--fuse both: merge and switch un-fused then fused (fewer MACs: a fused layer is one matmul);
+    multi-call methods, which never fuse, once."""
+    result, printed = run_speed(tmp_path, "--methods", "merge,switch,composite", "--fuse", "both")
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["merge", "merge fused", "switch", "switch fused", "composite"]
+    assert [r["fused"] for r in rows.values()] == [False, True, False, True, False]
+    for label in ("merge", "switch"):
+        assert rows[f"{label} fused"]["gmacs"] < rows[label]["gmacs"]
+        assert rows[f"{label} fused"]["full_calls"] == rows[label]["full_calls"] == 3
+    assert "fused / un-fused" in printed and "| 2 | merge | " in printed

@@ -43,26 +43,33 @@ Selection = tuple[tuple[slice | None, torch.Tensor, torch.Tensor], ...]
 
 
 class Router:
-    """What every wrapper of one model applies on the current forward pass."""
+    """What every wrapper of one model applies on the current forward pass.
+
+    ``fuse``: the active set stays for many calls (merge, switch), so each wrapper runs one matmul
+    with ``W + sum s_i B_i A_i``, built once per active set, instead of the base matmul plus two
+    low-rank ones per adapter: on a GPU at these batch sizes the extra kernels, not their MACs, are
+    what un-fused merge pays for.
+    """
 
     def __init__(self) -> None:
         self.active: Activation = ()
         self.rows: tuple[RowGroup, ...] | None = None
+        self.fuse = False
         self.slots: dict[str, int] | None = None  # stacked mode: adapter name -> stack index
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
         self.selection: Selection = ()
 
-    def set(self, active: Activation) -> None:
-        self.active, self.rows = active, None
+    def set(self, active: Activation, fuse: bool = False) -> None:
+        self.active, self.rows, self.fuse = active, None, fuse
         self.selection = self._select([(None, active)])
 
     def set_rows(self, groups: Sequence[RowGroup]) -> None:
-        self.active, self.rows = (), tuple(groups)
+        self.active, self.rows, self.fuse = (), tuple(groups), False
         self.selection = self._select([(g.rows, g.active) for g in groups])
 
     def clear(self) -> None:
-        self.active, self.rows, self.selection = (), None, ()
+        self.active, self.rows, self.selection, self.fuse = (), None, (), False
 
     def stack(self, names: Sequence[str], device: torch.device, dtype: torch.dtype) -> None:
         self.slots = {name: k for k, name in enumerate(names)}
@@ -113,6 +120,9 @@ class LoRAWrapped(torch.nn.Module):
         self.down_stack: torch.Tensor | None = None
         self.up_stack: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None
+        # fused mode: the weight with the active deltas added, and what it was built from
+        self._fused_key: tuple | None = None
+        self._fused_weight: torch.Tensor | None = None
 
     def add(self, name: str, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
         weight = self.base.weight
@@ -175,9 +185,56 @@ class LoRAWrapped(torch.nn.Module):
         h = (h.unflatten(1, (k, rank)) * weight[:, None, None, None]).flatten(1, 2)
         return F.conv2d(h, up[:, :, None, None])
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base(x, *args, **kwargs)
+    def fused_active(self) -> Activation | None:
+        """The adapters this layer would fuse on the current pass, or None when it runs un-fused:
+        fusing needs a plain Linear or ungrouped Conv2d (a subclass may do more than its matmul) and
+        1x1 up-projections, and never applies to row groups or stacked (compiled) mode."""
         router = self.router
+        if not router.fuse or router.rows is not None or self.down_stack is not None:
+            return None
+        base = self.base
+        if type(base) is torch.nn.Conv2d:
+            if base.groups != 1:
+                return None
+        elif type(base) is not torch.nn.Linear:
+            return None
+        active = tuple((n, s) for n, s in router.active if s != 0.0 and n in self.deltas)
+        for name, _ in active:
+            delta = self.deltas[name]
+            if delta.conv_args is not None and delta.up.shape[2:] != (1, 1):
+                return None
+        return active
+
+    def _fused(self, active: Activation) -> torch.Tensor:
+        """``W + sum s_i scale_i B_i A_i``, summed in float32, kept until the active set, the base
+        weight's storage or its version changes. The previous copy is dropped first, so a layer
+        holds at most one fused weight."""
+        weight = self.base.weight
+        key = (active, weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._fused_key != key:
+            self._fused_key, self._fused_weight = None, None
+            fused = weight.detach().float().clone()
+            for name, strength in active:
+                delta = self.deltas[name]
+                up = delta.up.reshape(delta.up.shape[0], -1).float()
+                down = delta.down.reshape(delta.down.shape[0], -1).float()
+                fused += (strength * delta.scale) * (up @ down).view(fused.shape)
+            self._fused_weight, self._fused_key = fused.to(weight.dtype), key
+        return self._fused_weight
+
+    def release_fused(self) -> None:
+        self._fused_key, self._fused_weight = None, None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        router = self.router
+        if router.fuse:
+            active = self.fused_active()
+            if active:
+                base = self.base
+                if type(base) is torch.nn.Linear:
+                    return F.linear(x, self._fused(active), base.bias)
+                return base._conv_forward(x, self._fused(active), base.bias)
+        out = self.base(x, *args, **kwargs)
         if self.down_stack is not None:  # stacked mode: AdapterSet.stack() set the router up too
             selection = router.selection
             if not selection:
@@ -260,7 +317,13 @@ class AdapterSet:
         if weight is not None:
             self.unet.stack(names, weight.device, weight.dtype)
 
+    def release_fused(self) -> None:
+        """Free the fused weights (one copy of every wrapped layer's weight at most)."""
+        for wrapper in self._wrapped.values():
+            wrapper.release_fused()
+
     def detach(self) -> None:
+        self.release_fused()
         for parent, child, original in reversed(self._originals):
             setattr(parent, child, original)
         self._originals.clear()

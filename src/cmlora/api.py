@@ -146,6 +146,9 @@ class Composer:
         # 1.32x, +0.5 GB peak; README, Speed, `benchmarks/speed.py --batch both`). False saves memory.
         batch_calls: bool = True,
         batch_size: int = 1,
+        # Steps of one UNet call (merge, switch) run their LoRAs fused into the weights; this holds one
+        # copy of each LoRA-wrapped layer's weight while the Composer lives. False saves that memory.
+        fuse_loras: bool = True,
         **options,
     ) -> ComposeResult:
         """``batch_size`` seeds are denoised together, one UNet call serving all of them. A small
@@ -189,6 +192,9 @@ class Composer:
             if isinstance(layer, int):  # a bad layer is reported by the method's own checks
                 options["cache_block"] = default_cache_block(pipe.unet, layer)
         batch = bool(batch_calls)
+        fuse = bool(fuse_loras) and not self.compiled  # compiled graphs select stacked adapters instead
+        if not fuse:
+            self.adapters.release_fused()
         comp = self._composition(num_inference_steps, float(lora_scale))
         probe = build_method(method, comp, variant, **options)  # validate every option before any work
         size = 1 if probe.needs_high_frequency or research else batch_size
@@ -208,6 +214,7 @@ class Composer:
                 progress,
                 on_step,
                 batch,
+                fuse,
             )
             for record in records:
                 record["method_label"] = method_label(method, variant)
@@ -229,6 +236,7 @@ class Composer:
         progress,
         on_step,
         batch,
+        fuse,
     ) -> tuple[list, list[dict]]:
         """One denoising loop for ``seeds`` together; per-image records share its counts and split
         its time and MACs evenly."""
@@ -265,6 +273,7 @@ class Composer:
                     research=research,
                     on_step=step_callback,
                     batch=batch,
+                    fuse=fuse,
                 )
             finally:
                 if bar is not None:
@@ -286,6 +295,7 @@ class Composer:
                 loop_seconds=round(counters.loop_seconds / rows, 4),
                 unet_invocations=counters.invocations,
                 batched_calls=batch,
+                fused_loras=fuse,
                 batch_size=rows,
                 trace=counters.trace,
             )

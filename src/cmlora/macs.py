@@ -3,7 +3,8 @@
 torch's FlopCounterMode does not see CPU attention kernels, so MACs are counted with forward
 hooks: Linear and Conv2d layers, the LoRA deltas that were active, and each attention module's
 QK^T and AV products. A count depends only on shapes and on which adapters run, so it is taken
-once per call signature, during a real call, and reused.
+once per call signature, during a real call, and reused. A fused layer counts as its base
+layer; building a fused weight (once per active set, not per call) is not a UNet MAC.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ class MacCounter:
         def lora_hook(module: LoRAWrapped, args, output):
             x = args[0]
             router = module.router
+            if module.fused_active():  # one matmul with the fused weight; the base's hook did not run
+                base = module.base
+                if isinstance(base, torch.nn.Linear):
+                    linear_hook(base, args, output)
+                else:
+                    conv_hook(base, args, output)
+                return
             groups = (
                 [(x.shape[0], router.active)]
                 if router.rows is None

@@ -86,14 +86,22 @@ class CallExecutor:
         self.research = research
 
     def run(
-        self, calls: list[UNetCall], x: torch.Tensor, t, conds: list[Conditioning], counters: Counters
+        self,
+        calls: list[UNetCall],
+        x: torch.Tensor,
+        t,
+        conds: list[Conditioning],
+        counters: Counters,
+        fuse: bool = False,
     ) -> list:
-        """Execute calls (all of one mode) in one UNet invocation; returns (eps, similarity) per call."""
+        """Execute calls (all of one mode) in one UNet invocation; returns (eps, similarity) per call.
+        ``fuse``: run a lone call's adapters fused into the weights (see ``Router``)."""
         mode = calls[0].mode
         rows = x.shape[0]
         router = self.adapters.unet
+        fuse = fuse and len(calls) == 1
         if len(calls) == 1:
-            router.set(calls[0].adapters)
+            router.set(calls[0].adapters, fuse=fuse)
             xb, embeds, added = x, conds[0].embeds, conds[0].added
         else:
             router.set_rows(
@@ -106,7 +114,7 @@ class CallExecutor:
                 if conds[0].added is None
                 else {key: torch.cat([c.added[key] for c in conds]) for key in conds[0].added}
             )
-        signature = (mode, tuple(xb.shape), tuple(embeds.shape), tuple(c.adapters for c in calls))
+        signature = (mode, tuple(xb.shape), tuple(embeds.shape), tuple(c.adapters for c in calls), fuse)
         keys = [c.cache_key or "+".join(n for n, _ in c.adapters) for c in calls]
         similarities: list[float | None] = [None] * len(calls)
         _wait_for_device(x)
@@ -188,8 +196,13 @@ def denoise(
     research: bool = False,
     on_step: Callable[[int, StepPlan], None] | None = None,
     batch: bool = False,
+    fuse: bool = False,
 ) -> tuple[torch.Tensor, Counters]:
-    """Run the trajectory. ``conditionings`` holds one entry per embedding key the method uses."""
+    """Run the trajectory. ``conditionings`` holds one entry per embedding key the method uses.
+
+    ``fuse`` applies to steps of one UNet call (merge, switch): their adapter set holds for many
+    calls, so fusing it into the weights pays once. Steps of several calls change the set per
+    call and run un-fused."""
     from .frequency import latent_high_frequency
 
     cfg = guidance_scale > 1.0
@@ -208,7 +221,8 @@ def denoise(
         for group in _groups(plan.calls, batch):
             calls = [plan.calls[k] for k in group]
             conds = [conditionings[c.embedding] for c in calls]
-            for k, result in zip(group, executor.run(calls, x, t, conds, counters), strict=True):
+            single = fuse and len(plan.calls) == 1
+            for k, result in zip(group, executor.run(calls, x, t, conds, counters, single), strict=True):
                 results[k] = result
         for call, weight, (eps, similarity) in zip(plan.calls, plan.weights, results, strict=True):
             if similarity is not None:

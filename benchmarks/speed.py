@@ -417,6 +417,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args(argv)
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown} in --methods; choose from {', '.join(METHODS)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []

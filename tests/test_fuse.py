@@ -70,6 +70,11 @@ def test_layers_that_cannot_fuse_run_unfused():
     )
     router.set((("a", 1.0),), fuse=True)
     assert wrapper.fused_active() is None  # a 3x3 up-projection is not one kernel with the base's
+    wrapper, router = _wrapped(
+        conv, {"a": (torch.randn(2, 4, 1, 1, generator=g), torch.randn(6, 2, 1, 1, generator=g), 1.0)}
+    )
+    router.set((("a", 1.0),), fuse=True)
+    assert wrapper.fused_active() is None  # nor is a 1x1 down-projection on a 3x3 layer
 
     class Scaled(torch.nn.Linear):  # a subclass may do more than its matmul
         def forward(self, x):
@@ -84,33 +89,16 @@ def test_layers_that_cannot_fuse_run_unfused():
     assert not router.fuse
 
 
+def _tiny_kwargs(**settings) -> dict:
+    return dict(prompt="red hair", guidance_scale=5.0, height=16, width=16, progress=False, **settings)
+
+
 @pytest.mark.parametrize("method", ["merge", "switch"])
 def test_fused_generation_matches_unfused_and_counts_base_macs(sd15, sd15_loras, method):
     before = pipeline_state(sd15)
-    kwargs = (
-        dict(
-            prompt="red hair",
-            method=method,
-            num_inference_steps=4,
-            guidance_scale=5.0,
-            height=16,
-            width=16,
-            seed=3,
-            progress=False,
-            tau=1,
-        )
-        if method == "switch"
-        else dict(
-            prompt="red hair",
-            method=method,
-            num_inference_steps=4,
-            guidance_scale=5.0,
-            height=16,
-            width=16,
-            seed=3,
-            progress=False,
-        )
-    )
+    kwargs = _tiny_kwargs(method=method, num_inference_steps=4, seed=3)
+    if method == "switch":
+        kwargs["tau"] = 1  # a new fused set every step
     with Composer(sd15, [LoRA(p) for p in sd15_loras]) as composer:
         unfused = composer.generate(fuse_loras=False, **kwargs)
         assert all(w._fused_weight is None for w in composer.adapters.wrappers())
@@ -133,16 +121,7 @@ def test_fused_generation_matches_unfused_and_counts_base_macs(sd15, sd15_loras,
 
 
 def test_steps_of_several_calls_never_fuse(sd15, sd15_loras):
-    kwargs = dict(
-        prompt="red hair",
-        method="composite",
-        num_inference_steps=3,
-        guidance_scale=5.0,
-        height=16,
-        width=16,
-        seed=1,
-        progress=False,
-    )
+    kwargs = _tiny_kwargs(method="composite", num_inference_steps=3, seed=1)
     with Composer(sd15, [LoRA(p) for p in sd15_loras]) as composer:
         runs = [
             composer.generate(fuse_loras=f, batch_calls=b, **kwargs)

@@ -103,3 +103,18 @@ def test_speed_benchmark_times_both_fusing_paths(tmp_path):
         assert rows[f"{label} fused"]["gmacs"] < rows[label]["gmacs"]
         assert rows[f"{label} fused"]["full_calls"] == rows[label]["full_calls"] == 3
     assert "fused / un-fused" in printed and "| 2 | merge | " in printed
+
+
+def test_speed_benchmark_names_unknown_methods(tmp_path, capsys):
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("speed_bench", ROOT / "benchmarks" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    with pytest.raises(SystemExit) as exit_info:
+        speed.main(["--methods", "merge,none", "--out", str(tmp_path / "s.json")])
+    assert exit_info.value.code == 2
+    assert "unknown methods ['none']" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()

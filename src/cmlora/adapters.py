@@ -187,8 +187,9 @@ class LoRAWrapped(torch.nn.Module):
 
     def fused_active(self) -> Activation | None:
         """The adapters this layer would fuse on the current pass, or None when it runs un-fused:
-        fusing needs a plain Linear or ungrouped Conv2d (a subclass may do more than its matmul) and
-        1x1 up-projections, and never applies to row groups or stacked (compiled) mode."""
+        fusing needs a plain Linear or ungrouped Conv2d (a subclass may do more than its matmul),
+        1x1 up-projections and down-projections of the layer's own kernel, and never applies to row
+        groups or stacked (compiled) mode."""
         router = self.router
         if not router.fuse or router.rows is not None or self.down_stack is not None:
             return None
@@ -199,27 +200,32 @@ class LoRAWrapped(torch.nn.Module):
         elif type(base) is not torch.nn.Linear:
             return None
         active = tuple((n, s) for n, s in router.active if s != 0.0 and n in self.deltas)
+        per_row = base.weight[0].numel()
         for name, _ in active:
             delta = self.deltas[name]
             if delta.conv_args is not None and delta.up.shape[2:] != (1, 1):
                 return None
+            if delta.down[0].numel() != per_row:  # e.g. a 1x1 down-projection on a 3x3 layer
+                return None
         return active
 
     def _fused(self, active: Activation) -> torch.Tensor:
-        """``W + sum s_i scale_i B_i A_i``, summed in float32, kept until the active set, the base
-        weight's storage or its version changes. The previous copy is dropped first, so a layer
-        holds at most one fused weight."""
+        """``W + sum s_i scale_i B_i A_i`` as one matrix product of the concatenated factors (one
+        kernel and one rounding per layer, in the weight's dtype: switch rebuilds it every tau steps),
+        kept until the active set, the base weight's storage or its version changes. The previous
+        copy is dropped first, so a layer holds at most one fused weight."""
         weight = self.base.weight
         key = (active, weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if self._fused_key != key:
             self._fused_key, self._fused_weight = None, None
-            fused = weight.detach().float().clone()
+            ups, downs = [], []
             for name, strength in active:
                 delta = self.deltas[name]
-                up = delta.up.reshape(delta.up.shape[0], -1).float()
-                down = delta.down.reshape(delta.down.shape[0], -1).float()
-                fused += (strength * delta.scale) * (up @ down).view(fused.shape)
-            self._fused_weight, self._fused_key = fused.to(weight.dtype), key
+                ups.append(delta.up.reshape(delta.up.shape[0], -1) * (strength * delta.scale))
+                downs.append(delta.down.reshape(delta.down.shape[0], -1))
+            flat = weight.detach().reshape(weight.shape[0], -1)
+            fused = torch.addmm(flat, torch.cat(ups, dim=1), torch.cat(downs, dim=0))
+            self._fused_weight, self._fused_key = fused.view(weight.shape), key
         return self._fused_weight
 
     def release_fused(self) -> None:

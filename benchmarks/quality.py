@@ -127,6 +127,12 @@ def aggregate(out: Path, labels: list[str]) -> dict:
                     "n": n if n else "all",
                     "images": len(items),
                     "recall": statistics.mean(s["recall"] for s, _ in items),
+                    # standard error of the mean recall, over images
+                    "recall_se": (
+                        statistics.stdev(s["recall"] for s, _ in items) / len(items) ** 0.5
+                        if len(items) > 1
+                        else 0.0
+                    ),
                     "all_present": statistics.mean(1.0 if s["all_present"] else 0.0 for s, _ in items),
                     "gmacs": statistics.mean(r["macs"] for _, r in items) / 1e9,
                     "seconds": statistics.mean(r["seconds"] for _, r in items),
@@ -174,24 +180,59 @@ def plots(result: dict, out: Path, front: bool) -> list[Path]:
     plt.close(fig)
     written.append(path)
     if front:
-        overall = [r for r in result["rows"] if r["n"] == "all"]
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in overall:
-            marker = "s" if not r["method"].startswith("cmlora") else ("o" if "-L1" in r["method"] else "^")
-            ax.scatter(r["gmacs"], r["recall"], marker=marker)
-            ax.annotate(
-                r["method"], (r["gmacs"], r["recall"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-            )
-        ax.set_xlabel("UNet GMAC per image")
-        ax.set_ylabel("concept recall (all N)")
-        ax.set_title("Mini world: quality vs cost (^: cache point L0 b0, o: L1 b0, s: baselines)")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / "front.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_front_plot(plt, [r for r in result["rows"] if r["n"] == "all"], out / "front.png"))
     return written
+
+
+def _front_plot(plt, overall: list[dict], path: Path) -> Path:
+    """Recall (with its standard error) against UNet MACs: the baselines as squares, each cache point's
+    settings as one line through c = 1, 2, 3, 5, 8, labelled by c so that nothing overlaps."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    lines: dict[str, list[dict]] = defaultdict(list)
+    for r in overall:
+        if r["method"].startswith("cmlora-c"):
+            setting = r["method"].removeprefix("cmlora-c")
+            interval, _, point = setting.partition("-")
+            # c = 1 runs at the default cache point, which on the mini UNet (no block 1) is L0 b0
+            lines[point or "L0b0"].append({**r, "c": int(interval)})
+        else:
+            ax.errorbar(
+                r["gmacs"],
+                r["recall"],
+                yerr=r.get("recall_se", 0.0),
+                marker="s",
+                capsize=3,
+                ls="none",
+                label=r["method"],
+            )
+    names = {"L0b0": "cmlora, cache at level 0 block 0", "L1b0": "cmlora, cache at level 1 block 0"}
+    for point, items in sorted(lines.items()):
+        items.sort(key=lambda r: r["c"])
+        ax.errorbar(
+            [r["gmacs"] for r in items],
+            [r["recall"] for r in items],
+            yerr=[r.get("recall_se", 0.0) for r in items],
+            marker="^" if point != "L1b0" else "o",
+            capsize=3,
+            label=names[point],
+        )
+        for r in items:
+            ax.annotate(
+                f"c={r['c']}",
+                (r["gmacs"], r["recall"]),
+                fontsize=7,
+                xytext=(4, -10),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("UNet GMAC per image")
+    ax.set_ylabel("concept recall (all N), +- 1 standard error")
+    ax.set_title("Mini world: quality vs cost")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None) -> int:

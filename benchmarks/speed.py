@@ -207,7 +207,7 @@ class PeakMemory:
 
 
 def run(args, save=None) -> dict:
-    """``save`` gets the result so far after each N: a run stopped by a time limit keeps its rows."""
+    """``save`` gets the result so far after each row: a run stopped by a time limit keeps its rows."""
     from cmlora import LoRA
     from cmlora.api import Composer
     from cmlora.tiny import write_random_lora
@@ -293,8 +293,8 @@ def run(args, save=None) -> dict:
                     }
                 )
                 print(f"N={n} {label:22s} {rows[-1]['seconds']:8.2f} s", file=sys.stderr)
-        if save is not None:
-            save(_result(args, size, rows))
+                if save is not None:  # after every row: a run cut short keeps what it measured
+                    save(_result(args, size, rows))
     return _result(args, size, rows)
 
 

@@ -242,3 +242,15 @@ def test_generate_compile_flag_compiles_the_session_once(sd15_folder, sd15_loras
     assert main([*args, "--compile", "eager"]) == 0
     assert main(args) == 0
     assert calls == [{"backend": "inductor"}, {"backend": "eager"}]
+
+
+def test_generate_no_fuse_flag_runs_merge_unfused(sd15_folder, sd15_loras, tmp_path):
+    records = {}
+    for flag in ((), ("--no-fuse",)):
+        out = tmp_path / ("unfused" if flag else "fused")
+        argv = ["generate", "--base", str(sd15_folder), "--lora", str(sd15_loras[0]), "--lora"]
+        argv += [str(sd15_loras[1]), "--method", "merge", "--prompt", "red", "--steps", "2"]
+        assert main([*argv, "--size", "16x16", "--out", str(out), "--quiet", *flag]) == 0
+        records[bool(flag)] = json.loads(next(out.glob("*.json")).read_text())
+    assert (records[False]["fused_loras"], records[True]["fused_loras"]) == (True, False)
+    assert records[False]["macs"] < records[True]["macs"]

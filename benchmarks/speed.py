@@ -333,10 +333,15 @@ def _runs(labels: list[str], batch: str, fuse: str = "auto") -> list[tuple[str, 
     runs = []
     for label in labels:
         multi = label not in SINGLE_CALL
-        batches = ("off", "on") if batch == "both" and multi else ("off",) if batch == "both" else (batch,)
-        fuses = ("off", "on") if fuse == "both" and not multi else ("off",) if fuse == "both" else (fuse,)
-        runs += [(label, b, f) for b in batches for f in fuses]
+        runs += [(label, b, f) for b in _modes(batch, multi) for f in _modes(fuse, not multi)]
     return runs
+
+
+def _modes(mode: str, applies: bool) -> tuple[str, ...]:
+    """ "both": off then on where the choice applies to the method, off alone where it does not."""
+    if mode != "both":
+        return (mode,)
+    return ("off", "on") if applies else ("off",)
 
 
 def table(result: dict) -> str:

@@ -95,11 +95,10 @@ class CallExecutor:
         fuse: bool = False,
     ) -> list:
         """Execute calls (all of one mode) in one UNet invocation; returns (eps, similarity) per call.
-        ``fuse``: run a lone call's adapters fused into the weights (see ``Router``)."""
+        ``fuse``: the caller found this a step's only call; its adapters run fused (see ``Router``)."""
         mode = calls[0].mode
         rows = x.shape[0]
         router = self.adapters.unet
-        fuse = fuse and len(calls) == 1
         if len(calls) == 1:
             router.set(calls[0].adapters, fuse=fuse)
             xb, embeds, added = x, conds[0].embeds, conds[0].added
@@ -218,11 +217,11 @@ def denoise(
         mixed = None
         similarities = {}
         results: list = [None] * len(plan.calls)
+        fuse_step = fuse and len(plan.calls) == 1
         for group in _groups(plan.calls, batch):
             calls = [plan.calls[k] for k in group]
             conds = [conditionings[c.embedding] for c in calls]
-            single = fuse and len(plan.calls) == 1
-            for k, result in zip(group, executor.run(calls, x, t, conds, counters, single), strict=True):
+            for k, result in zip(group, executor.run(calls, x, t, conds, counters, fuse_step), strict=True):
                 results[k] = result
         for call, weight, (eps, similarity) in zip(plan.calls, plan.weights, results, strict=True):
             if similarity is not None:

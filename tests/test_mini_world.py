@@ -172,11 +172,11 @@ def test_shipped_profile_orders_mini_compositions_by_default():
     base = load_base(None, "cpu", "fp32")
     assert base.name == "mini" and base.profile == mini.profile_path()
     files = [mini.lora_path("character_1"), mini.lora_path("background_2")]
-    assert base.profile_for("cmlora", files, {}) == mini.profile_path()
-    assert base.profile_for("composite", files, {}) is None
-    assert base.profile_for("cmlora", files, {"order": ["a", "b"]}) is None
-    assert base.profile_for("cmlora", [*files, "elsewhere/own.safetensors"], {}) is None
-    assert base.profile_for("cmlora", files, {}, "mine.json") == "mine.json"
+    assert base.profile_for("cmlora", "offline", files, {}) == mini.profile_path()
+    assert base.profile_for("composite", None, files, {}) is None
+    assert base.profile_for("cmlora", "offline", files, {"order": ["a", "b"]}) is None
+    assert base.profile_for("cmlora", "offline", [*files, "elsewhere/own.safetensors"], {}) is None
+    assert base.profile_for("cmlora", "offline", files, {}, "mine.json") == "mine.json"
 
 
 def test_cli_generates_on_the_embedded_mini_model(tmp_path, capsys):

@@ -171,7 +171,11 @@ def test_refresh_steps_helper():
         ("cmlora", "offline", {"order": ["a"]}, "order"),
         ("cmlora", "offline", {"threshold": float("nan")}, "threshold"),
         ("merge", None, {"tau": 3}, "no option"),
-        ("switch", "offline", {}, "no variants"),
+        ("switch", "offline", {}, "unknown switch variant"),
+        ("merge", "offline", {}, "no variants"),
+        ("switch", None, {"high": ["a"], "low": ["b"]}, "switch-standard takes no"),
+        ("switch", "profiled", {"phase_fraction": 1.5}, "phase_fraction"),
+        ("switch", "profiled", {"order": ["a"]}, "order"),
         ("blend", None, {}, "unknown method"),
         ("merge", None, {"text_encoder": "per_lora"}, "per_lora"),
     ],
@@ -229,3 +233,146 @@ def test_cmlora_online_exact_plan():
         pytest.approx((other, dom, other))
     ] * 6
     assert [p.info["high_frequency"] for p in plans] == stats
+
+
+# ----------------------------------------------------------------------------- switch-profiled (Switch-A)
+
+CATS = {
+    "c": "character",
+    "cl": "clothing",
+    "st": "style",
+    "ob": "object",
+    "bg": "background",
+    "bg2": "background",
+}
+
+
+def _switch_a(names, steps, tau, **options):
+    m = build_method("switch", comp(names, steps, CATS), "profiled", tau=tau, **options)
+    plans = m.plans()
+    assert all(len(p.calls) == 1 and p.calls[0].mode == "plain" and p.weights == (1.0,) for p in plans)
+    assert all(p.calls[0].adapters == ((p.dominant, 1.0),) for p in plans)
+    return m, [p.dominant for p in plans]
+
+
+@pytest.mark.parametrize(
+    "names,steps,tau,expected",
+    [
+        # 2 LoRAs, no background: H = [c, st]; phase switch at step round(120/220 * 20) = 11
+        (["st", "c"], 20, 5, ["c"] * 5 + ["st"] * 5 + ["c"] * 5 + ["st"] * 5),
+        (["st", "c"], 20, 1, ["c", "st"] * 5 + ["c"] + ["st"] * 9),
+        # 2 LoRAs with a background: H = [c], L = [bg]
+        (["bg", "c"], 20, 5, ["c"] * 15 + ["bg"] * 5),
+        (["bg", "c"], 20, 1, ["c"] * 11 + ["bg"] * 9),
+        # 3 LoRAs with a background: early c, st, c; late starts at bg (not yet active)
+        (["bg", "st", "c"], 20, 5, ["c"] * 5 + ["st"] * 5 + ["c"] * 5 + ["bg"] * 5),
+        (["bg", "st", "c"], 30, 5, ["c"] * 5 + ["st"] * 5 + ["c"] * 5 + ["st"] * 5 + ["bg"] * 5 + ["st"] * 5),
+        (["bg", "st", "c"], 20, 1, ["c", "st"] * 5 + ["c"] + ["bg", "st"] * 4 + ["bg"]),
+        # 3 LoRAs without a background: H = [c, st, ob] all active early; late list [st, ob]
+        (["ob", "st", "c"], 20, 5, ["c"] * 5 + ["st"] * 5 + ["ob"] * 5 + ["st"] * 5),
+        # 5 LoRAs with a background, T = 20: 4 slots cannot show 5 LoRAs; late starts at ob
+        (["bg", "ob", "st", "cl", "c"], 20, 5, ["c"] * 5 + ["cl"] * 5 + ["st"] * 5 + ["ob"] * 5),
+        (
+            ["bg", "ob", "st", "cl", "c"],
+            20,
+            1,
+            ["c", "cl", "st", "ob"] * 2 + ["c", "cl", "st"] + ["bg", "cl", "st", "ob"] * 2 + ["bg"],
+        ),
+        # 5 LoRAs, T = 50, tau 5: every LoRA active
+        (
+            ["bg", "ob", "st", "cl", "c"],
+            50,
+            5,
+            [n for n in ["c", "cl", "st", "ob", "c", "cl", "bg", "cl", "st", "ob"] for _ in range(5)],
+        ),
+    ],
+)
+def test_switch_profiled_exact_plans(names, steps, tau, expected):
+    _, got = _switch_a(names, steps, tau)
+    assert got == expected
+
+
+def test_switch_profiled_every_lora_active_when_slots_suffice():
+    names = ["bg", "bg2", "ob", "st", "cl", "c"]
+    for tau in (1, 2, 5):
+        for steps in range(len(names) * tau, 60):
+            _, got = _switch_a(names, steps, tau)
+            assert set(got) == set(names), (tau, steps, got)
+
+
+def test_switch_profiled_order_sources_and_record():
+    m, got = _switch_a(["a", "b", "c"], 10, 2, high=["c", "a"], low=["b"])
+    assert (m.high, m.low, m.order) == (["c", "a"], ["b"], ["c", "a", "b"])
+    assert got == ["c", "c", "a", "a", "c", "c", "b", "b", "a", "a"]
+    m, _ = _switch_a(["a", "b", "c"], 10, 2, scores={"a": 0.1, "b": 0.9, "c": 0.8})
+    assert m.order[0] == "b" and m.low == ["a"]
+    opts = m.options()
+    assert (
+        opts["variant"] == "profiled" and opts["tau"] == 2 and opts["high"] == m.high and opts["low"] == ["a"]
+    )
+    assert m.plans()[0].calls[0].embedding == "b"  # text encoder: the first LoRA of the profiled order
+    std = build_method("switch", comp(["a", "b"], 4, CATS), tau=1)
+    assert std.options()["variant"] == "standard" and "high" not in std.options()
+
+
+# ----------------------------------------------------------------------------- reference with a background
+
+
+def _reference_expected(high, low, steps, c):
+    """The published offline schedule with a background LoRA, written out from its description."""
+    order, r = high + low, len(high)
+    out = []
+    for i in range(steps):
+        k = i // c + 1
+        if i <= 120:
+            dominant = high[(k - 1) % r]
+            full = list(order) if i == 0 else ([dominant] if i % c == 0 else [])
+        else:
+            dominant = order[(k - 1) % r + 1]
+            full = []
+        out.append((dominant, full))
+    return out
+
+
+@pytest.mark.parametrize("steps", [20, 30, 220])
+@pytest.mark.parametrize(
+    "names", [["bg", "st", "c"], ["bg", "ob", "st", "cl", "c"], ["bg2", "bg", "c", "st"]]
+)
+def test_reference_with_background_is_the_published_schedule(steps, names):
+    m = build_method("cmlora", comp(names, steps, CATS), "reference", cache_interval=3)
+    plans = m.plans()
+    expected = _reference_expected(m.high, m.low, steps, 3)
+    assert [(p.dominant, list(p.full)) for p in plans] == expected
+    assert m.low and all(b not in {p.dominant for p in plans[:121]} for b in m.low)
+    assert all(set(p.full) | set(p.cached) == set(m.order) for p in plans)
+    if steps == 220:
+        assert all(not p.full for p in plans[121:])
+        assert {p.dominant for p in plans[121:]} == set(m.order[1 : len(m.high) + 1])
+
+
+def test_reference_and_offline_differ_only_with_a_background():
+    no_bg = comp(["st", "c", "ob"], 30, CATS)
+    ref = build_method("cmlora", no_bg, "reference", cache_interval=3).plans()
+    assert [p.dominant for p in ref] == [["c", "st", "ob"][(i // 3) % 3] for i in range(30)]
+    with_bg = comp(["bg", "st", "c"], 30, CATS)
+    ref = build_method("cmlora", with_bg, "reference", cache_interval=3).plans()
+    off = build_method("cmlora", with_bg, "offline", cache_interval=3).plans()
+    assert "bg" not in {p.dominant for p in ref} and "bg" in {p.dominant for p in off}
+
+
+def test_cmlora_cache_interval_1_caches_nothing():
+    m = build_method("cmlora", comp(["bg", "st", "c"], 12, CATS), "offline", cache_interval=1)
+    assert not m.uses_cache and set(m.intervals.values()) == {1}
+    assert all(call.mode == "plain" for p in m.plans() for call in p.calls)
+    assert [
+        p.dominant for p in build_method("cmlora", comp(["bg", "st", "c"], 4, CATS), cache_interval=1).plans()
+    ] == ["c", "st", "st", "bg"]
+
+
+def test_backgrounds_only_composition_has_a_schedule():
+    """No high-frequency LoRA (two backgrounds, no profile): every method still plans."""
+    c = comp(["bg", "bg2"], 12, CATS)
+    for variant in ("offline", "online", "async", "reference"):
+        plans = build_method("cmlora", c, variant).plans()
+        assert {p.dominant for p in plans} == {"bg", "bg2"}
+    assert {p.dominant for p in build_method("switch", c, "profiled", tau=2).plans()} == {"bg", "bg2"}

@@ -21,7 +21,7 @@ from .compiled import compile_blocks, composing, uncompile_blocks
 from .errors import OptionError
 from .loras import LoRA, LoRAFile, read_lora_file, resolve
 from .macs import MacCounter
-from .methods import Composition, Method, build_method, method_label
+from .methods import Composition, Method, build_method, default_variant, method_label, reads_profile
 from .plans import StepPlan
 from .records import library_versions
 from .sampler import Conditioning, decode, denoise, encode_prompt
@@ -104,12 +104,16 @@ class Composer:
             lora_scale=lora_scale,
         )
 
-    def _profile_options(self, profile, method: str, options: dict) -> dict:
-        """A profile file sets cmlora's H/L partition; an explicit order/partition wins, loudly."""
+    def _profile_options(self, profile, method: str, variant: str | None, options: dict) -> dict:
+        """A profile file sets the H/L partition of the methods that read one (cmlora,
+        switch-profiled); an explicit order/partition wins, loudly."""
         if profile is None:
             return options
-        if method != "cmlora":
-            raise OptionError(f"profile= sets the LoRA order of method cmlora only (method is {method!r})")
+        if not reads_profile(method, variant):
+            label = method_label(method, variant)
+            raise OptionError(
+                f"profile= sets the LoRA order of cmlora and switch-profiled only (method is {label!r})"
+            )
         given = sorted(set(options) & {"order", "high", "low"})
         if given:
             raise OptionError(
@@ -184,9 +188,8 @@ class Composer:
             or lora_scale < 0
         ):
             raise OptionError(f"lora_scale must be a finite number >= 0, got {lora_scale!r}")
-        if method == "cmlora" and variant is None:
-            variant = "offline"
-        options = self._profile_options(profile, method, options)
+        variant = variant or default_variant(method)
+        options = self._profile_options(profile, method, variant, options)
         if method in ("cmlora", "composite") and "cache_block" not in options:
             layer = options.get("cache_layer", 0)
             if isinstance(layer, int):  # a bad layer is reported by the method's own checks

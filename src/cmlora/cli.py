@@ -9,17 +9,7 @@ from pathlib import Path
 
 from .errors import CmloraError, OptionError
 from .loras import CATEGORIES
-
-METHOD_LABELS = (
-    "none",
-    "merge",
-    "switch",
-    "composite",
-    "cmlora-offline",
-    "cmlora-online",
-    "cmlora-async",
-    "cmlora-reference",
-)
+from .methods import METHOD_LABELS, METHOD_VARIANTS, split_label
 
 
 # Method options exposed as flags: (flag, option name, type, help)
@@ -68,7 +58,12 @@ METHOD_FLAGS = (
         int,
         "cache point: block inside the level (0 cheaper; default 1, or 0 where the level has one block)",
     ),
-    ("--phase-fraction", "phase_fraction", float, "cmlora offline/async: phase switch as fraction of steps"),
+    (
+        "--phase-fraction",
+        "phase_fraction",
+        float,
+        "cmlora offline/async, switch-profiled: phase switch as fraction of steps",
+    ),
     (
         "--threshold",
         "threshold",
@@ -135,14 +130,6 @@ def _method_options(args: argparse.Namespace, method: str, strict: bool = True) 
     return options
 
 
-def _split_label(label: str) -> tuple[str, str | None]:
-    if label not in METHOD_LABELS and label != "cmlora":
-        raise OptionError(f"unknown method {label!r}; choose from {', '.join(METHOD_LABELS)}")
-    if label.startswith("cmlora"):
-        return "cmlora", label.partition("-")[2] or "offline"
-    return label, None
-
-
 def _size(text: str) -> tuple[int, int]:
     try:
         w, _, h = text.lower().partition("x")
@@ -162,10 +149,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     label = args.method
     if args.variant is not None:
-        if label != "cmlora":
-            raise OptionError(f"--variant applies to method cmlora only (got --method {label})")
-        label = f"cmlora-{args.variant}"
-    method, variant = _split_label(label)
+        if "-" in label:
+            raise OptionError(f"--method {label} already names a variant: drop --variant {args.variant}")
+        label = f"{label}-{args.variant}"
+    method, variant = split_label(label)
     options = _method_options(args, method)
     base = load_base(args.base, args.device, args.dtype, args.config)
     if base.note:
@@ -182,7 +169,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.num_images < 1:
         raise OptionError(f"--num-images must be >= 1, got {args.num_images}")
-    profile = base.profile_for(method, [lora.path for lora in loras], options, args.profile)
+    profile = base.profile_for(method, variant, [lora.path for lora in loras], options, args.profile)
     with Composer(
         base.pipe, loras, allow_partial=args.allow_partial, allow_pickle=args.allow_pickle
     ) as composer:
@@ -409,7 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="cmlora",
         help=f"one of {', '.join(METHOD_LABELS)} (cmlora = cmlora-offline; default cmlora)",
     )
-    gen.add_argument("--variant", default=None, help="cmlora variant: offline, online, async, reference")
+    gen.add_argument(
+        "--variant",
+        default=None,
+        help="the method's variant: " + "; ".join(f"{m}: {', '.join(v)}" for m, v in METHOD_VARIANTS.items()),
+    )
     gen.add_argument(
         "--prompt", default=None, help="prompt (default with the mini model: base prompt + triggers)"
     )

@@ -40,9 +40,9 @@ class BaseModel:
     profile: str | None = None
     """The shipped frequency profile of ``lora_ids`` (the mini world's), if any."""
 
-    def profile_for(self, method: str, lora_files, options: dict, given=None):
+    def profile_for(self, method: str, variant: str | None, lora_files, options: dict, given=None):
         """The profile a composition uses: the one the user ``given``, else the shipped one when
-        this is a cmlora composition made only of this model's own LoRAs.
+        this method reads one and the composition is made only of this model's own LoRAs.
 
         The shipped profile orders the LoRAs it was measured on; any other file (or an explicit
         order/partition, which the user chose on purpose) means no default, so CMLoRA falls back
@@ -50,7 +50,13 @@ class BaseModel:
         """
         if given is not None:
             return given
-        if self.profile is None or method != "cmlora" or {"order", "high", "low"} & set(options):
+        from .methods import reads_profile
+
+        if (
+            self.profile is None
+            or not reads_profile(method, variant)
+            or {"order", "high", "low"} & set(options)
+        ):
             return None
         known = {Path(entry["file"]).resolve() for entry in self.lora_ids.values()}
         files = [Path(f).resolve() for f in lora_files]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import mini
 from .errors import OptionError
+from .methods import reads_profile, split_label
 
 # Published generation settings (COMPOSLORA.md). "zhong": Zhong et al. 2024; "cmlora": CMLoRA's code.
 PRESETS: dict[str, dict[str, dict]] = {
@@ -192,7 +193,7 @@ def _testbed(args):
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .cli import _method_options, _split_label
+    from .cli import _method_options
     from .models import load_base
     from .testbed.compositions import image_seed
     from .testbed.info import lora_file
@@ -210,7 +211,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.size:
         defaults["width"], defaults["height"] = args.size
     labels = [m.strip() for m in args.methods.split(",") if m.strip()]
-    methods = {label: _split_label(label) for label in labels}
+    methods = {label: split_label(label) for label in labels}
     options = {label: _method_options(args, method, strict=False) for label, (method, _) in methods.items()}
     if args.seeds < 1:
         raise OptionError(f"--seeds must be >= 1, got {args.seeds}")
@@ -367,10 +368,10 @@ class CompositionGenerator:
         method, variant = self.methods[job.method]
         d = self.defaults
         composer = self._composer_for(job.composition)
-        # a profile orders cmlora's LoRAs only; the other methods of the sweep run without it
+        # a profile orders the LoRAs of the methods that read one; the others run without it
         files = [lora.path for lora in composer.loras]
-        given = self.profile if method == "cmlora" else None
-        profile = self.base.profile_for(method, files, job.method_options, given)
+        given = self.profile if reads_profile(method, variant) else None
+        profile = self.base.profile_for(method, variant, files, job.method_options, given)
         result = composer.generate(
             prompt=job.composition.prompt,
             method=method,

@@ -7,7 +7,8 @@ Variants share one class; they differ only in *when* dominance changes and which
   below g (evaluated at dominance boundaries, recorded every step);
 - async: dominance on its own cadence, with decaying w_dom (d = 0.5);
 - reference: the published offline pipeline's schedule (one LoRA refreshed per refresh step,
-  becoming dominant; constant w), for comparison with published numbers.
+  becoming dominant; constant w; with a background LoRA, its absolute step-120 phase switch after
+  which nothing refreshes), for comparison with published numbers.
 """
 
 from __future__ import annotations
@@ -19,17 +20,22 @@ from .base import Composition, Method, StepState, check_float, check_int, check_
 VARIANTS = ("offline", "online", "async", "reference")
 PUBLISHED_PHASE_FRACTION = 120 / 220
 PUBLISHED_ASYNC_FRACTION = 20 / 220
+#: The published offline pipeline's phase test is ``i <= 120`` on the absolute step index, whatever T.
+PUBLISHED_LAST_EARLY_STEP = 120
 HIGH_FREQUENCY_CATEGORIES = ("character", "clothing", "style", "object")
 
 
 def default_partition(comp: Composition) -> tuple[list[str], list[str]]:
     """The published ComposLoRA order: character, clothing, style, object high; background low.
 
-    LoRAs without a category stay high-frequency, in user order, after the categorised ones.
+    LoRAs without a category stay high-frequency, in user order, after the categorised ones; a
+    composition of backgrounds only is all one group.
     """
     high = [n for cat in HIGH_FREQUENCY_CATEGORIES for n in comp.names if comp.categories.get(n) == cat]
     high += [n for n in comp.names if comp.categories.get(n) is None]
     low = [n for n in comp.names if comp.categories.get(n) == "background"]
+    if not high:  # backgrounds only: they rotate as one group (dominance needs a high group)
+        return low, []
     return high, low
 
 
@@ -123,7 +129,9 @@ class CMLoRA(Method):
         self.order = self.high + self.low
         mix_weights(self.order, comp.weights, None, 1.0)  # all user weights 0: refuse now, not mid-run
         factor = check_int("low_interval_factor", low_interval_factor, 1, 1000)
-        self.intervals = {name: self.c for name in self.high} | {name: self.c * factor for name in self.low}
+        # cache_interval 1 means no caching at all: low-frequency LoRAs refresh every step too
+        low_interval = self.c * factor if self.c > 1 else 1
+        self.intervals = {name: self.c for name in self.high} | {name: low_interval for name in self.low}
         for name, value in (intervals or {}).items():
             if name not in self.intervals:
                 raise OptionError(
@@ -209,13 +217,24 @@ class CMLoRA(Method):
         return self._build(step, dominant, w, {n: step in self.refresh[n] for n in self.order}, state)
 
     def _reference_plan(self, step: int) -> StepPlan:
-        n = len(self.order)
-        k = step // self.c
-        dominant = self.order[k % n]
+        """The published offline pipeline. k counts the refresh steps (every c, from step 0)
+        reached so far. Without a low-frequency LoRA: LoRA order[(k-1) mod N] is dominant and
+        refreshed at each refresh step. With one (R = |H|, A = H + L): up to the absolute step
+        ``PUBLISHED_LAST_EARLY_STEP`` H[(k-1) mod R] is dominant and refreshed (L only at step 0);
+        after it A[(k-1) mod R + 1] is dominant and nothing is refreshed again."""
+        k = step // self.c + 1
+        refresh = step % self.c == 0
+        if not self.low:
+            dominant = self.order[(k - 1) % len(self.order)]
+        elif step <= PUBLISHED_LAST_EARLY_STEP:
+            dominant = self.high[(k - 1) % len(self.high)]
+        else:
+            dominant = self.order[(k - 1) % len(self.high) + 1]
+            refresh = False
         if step == 0:
             full = {name: True for name in self.order}
         else:
-            full = {name: (step % self.c == 0 and name == dominant) for name in self.order}
+            full = {name: refresh and name == dominant for name in self.order}
         return self._build(step, dominant, self.w0, full, StepState())
 
     def _build(self, step: int, dominant: str, w: float, full: dict[str, bool], state: StepState) -> StepPlan:

@@ -42,9 +42,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ..cli import METHOD_LABELS, _split_label
 from ..errors import CmloraError, OptionError
 from ..loras import CATEGORIES, LoRA
+from ..methods import METHOD_LABELS, reads_profile
+from ..methods import split_label as _split_method_label
 
 DEFAULT_PORT = 7860
 MAX_BODY = 32 * 1024 * 1024  # a pasted PNG (base64) of a large image fits; anything bigger is a mistake
@@ -108,7 +109,7 @@ def split_label(label: object) -> tuple[str, str | None]:
     """A method label (``merge``, ``cmlora-online``...) → (method, variant), exactly as the CLI reads it."""
     if not isinstance(label, str):
         raise OptionError(f"a method must be a label such as 'merge', got {label!r}")
-    return _split_label(label)
+    return _split_method_label(label)
 
 
 def _accepted_options(method: str) -> set[str]:
@@ -281,8 +282,10 @@ class WebApp:
                 raise OptionError(
                     f"profile file {profile!r} cannot be read ({exc.strerror or exc})"
                 ) from None
-            if not any(m[1] == "cmlora" for m in methods):
-                raise OptionError("a profile file sets the LoRA order of the cmlora methods: choose one")
+            if not any(reads_profile(m[1], m[2]) for m in methods):
+                raise OptionError(
+                    "a profile file sets the LoRA order of cmlora and switch-profiled: choose one"
+                )
         options = body.get("options") or {}
         if isinstance(options, str):
             try:
@@ -313,7 +316,7 @@ class WebApp:
         for label, method, variant in methods:
             if (
                 profile is not None
-                and method == "cmlora"
+                and reads_profile(method, variant)
                 and {"order", "high", "low"} & set(per_label[label])
             ):
                 raise OptionError("a profile file conflicts with order/high/low options: give one of them")
@@ -492,9 +495,13 @@ class WebApp:
                     seed=spec.seed,
                     lora_scale=spec.lora_scale,
                     profile=self.base.profile_for(
-                        method, [lora.path for lora in composer.loras], spec.options[label], spec.profile
+                        method,
+                        variant,
+                        [lora.path for lora in composer.loras],
+                        spec.options[label],
+                        spec.profile,
                     )
-                    if method == "cmlora"
+                    if reads_profile(method, variant)
                     else None,
                     progress=False,
                     on_step=on_step,

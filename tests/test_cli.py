@@ -96,7 +96,9 @@ def test_bad_lora_file_exit_2_and_nothing_written(tmp_path, capsys):
     [
         (["--size", "20x16"], "multiple of 8"),
         (["--steps", "0"], "num_inference_steps"),
-        (["--method", "switch", "--variant", "online"], "--variant applies to method cmlora only"),
+        (["--method", "switch", "--variant", "online"], "unknown switch variant 'online'"),
+        (["--method", "merge", "--variant", "online"], "method 'merge' has no variants"),
+        (["--method", "cmlora-online", "--variant", "async"], "already names a variant"),
         (["--method", "merge", "--tau", "3"], "does not apply to method 'merge'"),
         (["--method", "cmlora", "--cache-interval", "0"], "cache_interval"),
         (["--method", "sideways"], "unknown method"),

@@ -82,6 +82,14 @@ def split_label(label: str) -> tuple[str, str | None]:
     name, _, variant = label.partition("-")
     if name in METHODS and (label in METHOD_LABELS or (not variant and name in METHOD_VARIANTS)):
         return name, variant or default_variant(name)
+    if name in METHODS and variant:
+        if name not in METHOD_VARIANTS:
+            raise OptionError(
+                f"method {name!r} has no variants (got {label!r}); {', '.join(METHOD_VARIANTS)} do"
+            )
+        raise OptionError(
+            f"unknown {name} variant {variant!r} in {label!r}; choose one of {', '.join(METHOD_VARIANTS[name])}"
+        )
     raise OptionError(f"unknown method {label!r}; choose from {', '.join(METHOD_LABELS)}")
 
 

@@ -31,6 +31,7 @@ CATEGORY_ORDER = ("character", "clothing", "style", "background", "object")
 METHODS = {
     "merge": ("merge", None, {}),
     "switch": ("switch", None, {}),
+    "switch-profiled": ("switch", "profiled", {}),
     "composite": ("composite", None, {}),
     "cmlora-offline": ("cmlora", "offline", {}),
     "cmlora-reference-c3": ("cmlora", "reference", {"cache_interval": 3}),
@@ -168,7 +169,7 @@ ARCHS = {"sd15": sd15_pipeline, "sdxl": sdxl_pipeline, "tiny": tiny_pipeline, "m
 #: Image size of the architectures whose size is fixed by their training (the rest take --size).
 FIXED_SIZE = {"tiny": 16, "mini": MINI_SIZE}
 #: Methods that make one UNet call per step whatever N is: batching has nothing to group.
-SINGLE_CALL = {"merge", "switch"}
+SINGLE_CALL = {"merge", "switch", "switch-profiled"}
 
 
 class PeakMemory:

@@ -67,7 +67,15 @@ def run_speed(tmp_path, *extra: str) -> tuple[dict, str]:
 def test_speed_benchmark_smoke(tmp_path):
     result, _ = run_speed(tmp_path)
     rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) >= {"merge", "switch", "composite", "cmlora-offline", "cmlora-reference-c3"}
+    assert set(rows) >= {
+        "merge",
+        "switch",
+        "switch-profiled",
+        "composite",
+        "cmlora-offline",
+        "cmlora-reference-c3",
+    }
+    assert rows["switch-profiled"]["full_calls"] == 3 and rows["switch-profiled"]["cached_calls"] == 0
     assert rows["composite"]["full_calls"] == 2 * 3 and rows["composite"]["cached_calls"] == 0
     assert rows["cmlora-reference-c3"]["full_calls"] == 2 + (3 - 1) // 3
     assert rows["composite"]["x_composite"] == 1.0

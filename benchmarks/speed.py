@@ -37,6 +37,8 @@ METHODS = {
     "cmlora-reference-c3": ("cmlora", "reference", {"cache_interval": 3}),
     "composite+cache-c3": ("composite", None, {"cache_interval": 3}),
     "cmlora-block0-c5": ("cmlora", "offline", {"cache_interval": 5, "cache_block": 0}),
+    "loratorio": ("loratorio", None, {}),
+    "loratorio-c3": ("loratorio", None, {"cache_interval": 3}),
 }
 
 

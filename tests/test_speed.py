@@ -76,6 +76,7 @@ def test_speed_benchmark_smoke(tmp_path):
         "cmlora-reference-c3",
     }
     assert rows["switch-profiled"]["full_calls"] == 3 and rows["switch-profiled"]["cached_calls"] == 0
+    assert rows["loratorio"]["full_calls"] == 3 * 3 and rows["loratorio-c3"]["cached_calls"] > 0
     assert rows["composite"]["full_calls"] == 2 * 3 and rows["composite"]["cached_calls"] == 0
     assert rows["cmlora-reference-c3"]["full_calls"] == 2 + (3 - 1) // 3
     assert rows["composite"]["x_composite"] == 1.0

@@ -37,7 +37,8 @@ METHOD_FLAGS = (
         "--cache-interval",
         "cache_interval",
         int,
-        "cmlora / composite: base cache refresh interval c (cmlora default 3; composite default 1 = no cache)",
+        "cmlora / composite / loratorio: cache refresh interval c (cmlora default 3; composite and "
+        "loratorio default 1 = no cache)",
     ),
     (
         "--low-interval-factor",
@@ -71,6 +72,15 @@ METHOD_FLAGS = (
         "cmlora online: early phase lasts while the statistic >= this (0.40)",
     ),
     ("--async-interval", "async_interval", int, "cmlora async: steps between dominance changes"),
+    ("--patch", "patch", int, "loratorio: side of the latent patches mixed separately (default 2)"),
+    ("--temperature", "temperature", float, "loratorio: SoftMin temperature over LoRAs (default 0.05)"),
+    (
+        "--uncond",
+        "uncond",
+        str,
+        "loratorio: guide against the base model's unconditional prediction (base, default) or the "
+        "LoRAs' mixed one (mixed)",
+    ),
     ("--text-encoder", "text_encoder", str, "text-encoder policy: all, first or per_lora"),
 )
 

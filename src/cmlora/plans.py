@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import OptionError
+from .patch_mix import PatchMix
 
 CallMode = Literal["plain", "full", "cached"]
 """plain: the UNet's own forward; full: split forward storing the LoRA's cache entry;
@@ -34,6 +35,8 @@ class StepPlan:
     weights: tuple[float, ...]
     dominant: str | None = None
     info: dict = field(default_factory=dict, compare=False)
+    mix: PatchMix | None = None
+    """Set: the calls are mixed per patch (``weights`` are then the calls' priors), see patch_mix."""
 
     def __post_init__(self) -> None:
         if len(self.calls) != len(self.weights) or not self.calls:

@@ -223,16 +223,27 @@ def denoise(
             conds = [conditionings[c.embedding] for c in calls]
             for k, result in zip(group, executor.run(calls, x, t, conds, counters, fuse_step), strict=True):
                 results[k] = result
-        for call, weight, (eps, similarity) in zip(plan.calls, plan.weights, results, strict=True):
+        for call, (_, similarity) in zip(plan.calls, results, strict=True):
             if similarity is not None:
                 similarities[call.cache_key] = round(similarity, 6)
-            term = eps.float() * weight
-            mixed = term if mixed is None else mixed + term
-        if cfg:
-            uncond, cond = mixed.chunk(2)
-            mixed = uncond + guidance_scale * (cond - uncond)
+        patch_weights = None
+        if plan.mix is not None:
+            preds = [eps.float() for eps, _ in results]
+            mixed, patch_weights = plan.mix.guided(preds, plan.weights, guidance_scale if cfg else None)
+        else:
+            for weight, (eps, _) in zip(plan.weights, results, strict=True):
+                term = eps.float() * weight
+                mixed = term if mixed is None else mixed + term
+            if cfg:
+                uncond, cond = mixed.chunk(2)
+                mixed = uncond + guidance_scale * (cond - uncond)
         latents = scheduler.step(mixed.to(latents.dtype), t, latents, return_dict=False)[0]
         entry = plan.trace()
+        if patch_weights is not None:
+            entry["patch_weights"] = {
+                (plan.calls[k].cache_key or plan.calls[k].adapters[0][0]): round(w, 6)
+                for k, w in patch_weights.items()
+            }
         entry["t"] = int(t) if torch.is_tensor(t) and t.numel() == 1 else float(t)
         if research:
             entry["high_frequency"] = None if hf is None else round(hf, 6)

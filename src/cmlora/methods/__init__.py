@@ -10,6 +10,7 @@ from ..errors import OptionError
 from .base import Composition, Method, StepState
 from .baselines import SWITCH_VARIANTS, Composite, Merge, NoneMethod, Switch
 from .cmlora import VARIANTS, CMLoRA
+from .loratorio import LoRAtorio
 
 METHODS: dict[str, type[Method]] = {
     "none": NoneMethod,
@@ -17,6 +18,7 @@ METHODS: dict[str, type[Method]] = {
     "switch": Switch,
     "composite": Composite,
     "cmlora": CMLoRA,
+    "loratorio": LoRAtorio,
 }
 #: Each method's variants, the default first. A default variant that is not spelled in the label
 #: ("switch" is switch-standard) keeps the labels of runs made before the variant existed.

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from cmlora.evaluate.judge import (
     chat_completions_url,
     judge_run,
     parse_scores,
+    retry_hint,
 )
+from cmlora.evaluate.report import build_report
 from cmlora.evaluate.runs import read_jsonl
 
 SECRET = "sk-cmlora-TEST-secret-4f9a1c"
@@ -45,6 +48,19 @@ def _verdict_prose(s1: tuple[float, float], s2: tuple[float, float]) -> str:
     return (
         "**Image 1**: composition {:g}, image quality {:g}\n**Image 2**: composition {:g}, image quality {:g}"
     ).format(*s1, *s2)
+
+
+@dataclass(frozen=True)
+class Trickle:
+    """A response body the fake server sends slowly, piece by piece (headers go out at once)."""
+
+    payload: bytes
+    chunks: int
+    every: float
+
+    def pieces(self) -> list[bytes]:
+        step = -(-len(self.payload) // self.chunks)
+        return [self.payload[i : i + step] for i in range(0, len(self.payload), step)]
 
 
 class FakeJudge:
@@ -107,6 +123,15 @@ class FakeJudge:
 
         return respond
 
+    def trickle(self, chunks: int, every: float) -> Callable[..., Any]:
+        """A good verdict whose body arrives in ``chunks`` pieces, ``every`` seconds apart."""
+
+        def respond(body: dict[str, Any]) -> tuple[int, dict[str, str], Trickle]:
+            code, headers, payload = self.ok_json(body)
+            return code, headers, Trickle(payload, chunks, every)
+
+        return respond
+
     # -- plumbing ---------------------------------------------------------------------------------
     def next_action(
         self, body: dict[str, Any], headers: dict[str, str], path: str
@@ -130,10 +155,18 @@ def server() -> Iterator[tuple[FakeJudge, str]]:
                 self.send_response(code)
                 for k, v in headers.items():
                     self.send_header(k, v)
+                if isinstance(payload, Trickle):
+                    self.send_header("Content-Length", str(len(payload.payload)))
+                    self.end_headers()
+                    for piece in payload.pieces():
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                        time.sleep(payload.every)
+                    return
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
-            except OSError:  # the client gave up (timeout test)
+            except OSError:  # the client gave up (timeout tests)
                 pass
 
         def log_message(self, *args: object) -> None:
@@ -264,7 +297,7 @@ def test_malformed_retried_then_failure(
     ok, bad = read_jsonl(run / "eval" / "judge.jsonl")
     assert ok["attempts"] == 2 and "scores" in ok
     assert "scores" not in bad and bad["failure_kind"] == "malformed"
-    assert "malformed reply after 2 attempt(s)" in bad["failure"]
+    assert "malformed reply after 2 ask(s) (2 HTTP request(s))" in bad["failure"]
     assert len(bad["raw_reply_sha"]) == 64
     # A failure is not re-asked on a plain re-run, but is with retry_failures; malformed replies are not cached.
     assert judge_run(run, ["switch", "merge"], _config(url, []), progress=False).requests == 0
@@ -297,6 +330,89 @@ def test_retries_timeout_429_500(
     assert sleeps == pytest.approx([0.01, 7.0, 0.01, 0.02])
     assert "timeout" in caplog.text and "HTTP 429" in caplog.text and "HTTP 500" in caplog.text
     _assert_no_secret(run, caplog.text)
+
+
+def test_timeout_is_a_total_deadline_per_request(
+    server: tuple[FakeJudge, str], tmp_path: Path, secret_env: None
+) -> None:
+    fake, url = server
+    run = _make_run(tmp_path, compositions=1)
+    # Each piece comes 0.2 s after the last, well inside a 0.5 s socket timeout, but the body takes 2 s.
+    fake.script = [fake.trickle(chunks=10, every=0.2)]
+    config = _config(url, [], timeout=0.5, max_retries=0, malformed_retries=0)
+    start = time.monotonic()
+    summary = judge_run(run, ["switch", "merge"], config, limit=1, progress=False)
+    elapsed = time.monotonic() - start
+    assert (summary.verdicts, summary.failures, summary.requests) == (0, 1, 1)
+    (record,) = read_jsonl(run / "eval" / "judge.jsonl")
+    assert record["failure_kind"] == "transport" and "timeout" in record["failure"], record
+    assert "within 0.5s" in record["failure"]
+    assert elapsed < 1.5, elapsed
+    # A reply in several pieces that all arrive before the deadline is read whole.
+    fake.script = [fake.trickle(chunks=3, every=0.05)]
+    again = judge_run(run, ["switch", "merge"], config, limit=1, progress=False)
+    assert (again.verdicts, again.failures) == (1, 0)
+    assert read_jsonl(run / "eval" / "judge.jsonl")[-1]["scores"]["switch"] == {
+        "composition": 8.0,
+        "image": 7.5,
+    }
+
+
+def test_attempts_count_http_retries(server: tuple[FakeJudge, str], tmp_path: Path, secret_env: None) -> None:
+    fake, url = server
+    run = _make_run(tmp_path, compositions=1)
+    # order 1: 503, then a verdict; order 2: a malformed reply, then 502, then a verdict.
+    fake.script = [fake.status(503), fake.ok_json, fake.malformed, fake.status(502), fake.ok_json]
+    summary = judge_run(run, ["switch", "merge"], _config(url, [], malformed_retries=1), progress=False)
+    assert (summary.verdicts, summary.failures, summary.requests) == (2, 0, 5)
+    assert [r["attempts"] for r in read_jsonl(run / "eval" / "judge.jsonl")] == [2, 3]
+    # A transport failure records every request it took, too.
+    (run / "eval" / "judge.jsonl").unlink()
+    fake.default = fake.status(502)
+    config = _config(url, [], max_retries=2, malformed_retries=0, backoff_base=0.001)
+    judge_run(run, ["switch", "merge"], config, cache_dir=tmp_path / "empty_cache", limit=1, progress=False)
+    (record,) = read_jsonl(run / "eval" / "judge.jsonl")
+    assert (record["failure_kind"], record["attempts"]) == ("transport", 3)
+
+
+def test_stop_message_says_how_to_redo_each_failure_kind(
+    server: tuple[FakeJudge, str], tmp_path: Path, secret_env: None
+) -> None:
+    fake, url = server
+    run = _make_run(tmp_path, compositions=2)
+    fake.default = fake.status(502)
+    config = _config(url, [], max_retries=0, malformed_retries=0, max_consecutive_failures=2)
+    with pytest.raises(JudgeAborted) as info:
+        judge_run(run, ["switch", "merge"], config, progress=False)
+    # Transport failures are redone by any re-run: suggesting --retry-failures would mislead.
+    assert "plain re-run" in str(info.value) and "--retry-failures" not in str(info.value)
+    fake.default = fake.malformed
+    with pytest.raises(JudgeAborted) as info:
+        judge_run(run, ["switch", "merge"], config, progress=False)
+    assert "--retry-failures" in str(info.value) and "plain re-run" not in str(info.value)
+    assert "plain re-run" in retry_hint(["malformed", "transport"])
+    assert "--retry-failures" in retry_hint(["http"]) and "--retry-failures" in retry_hint(["image"])
+
+
+def test_one_failed_order_is_half_judged_in_report(
+    server: tuple[FakeJudge, str], tmp_path: Path, secret_env: None
+) -> None:
+    fake, url = server
+    run = _make_run(tmp_path, compositions=1)
+    fake.script = [fake.ok_json, fake.malformed]  # (switch, merge) judged; (merge, switch) malformed
+    summary = judge_run(run, ["switch", "merge"], _config(url, [], malformed_retries=0), progress=False)
+    assert (summary.verdicts, summary.failures) == (1, 1)
+    rows = [r for r in build_report(run).judge if r.n == 2]
+    assert {r.dimension for r in rows} == {"composition", "image"}
+    for row in rows:
+        assert (row.judged, row.failures, row.half_judged) == (0, 1, 1), row
+    # Judging the failed order again completes the item: both orders count.
+    fake.script = [fake.ok_json]
+    judge_run(run, ["switch", "merge"], _config(url, []), retry_failures=True, progress=False)
+    for row in (r for r in build_report(run).judge if r.n == 2):
+        assert (row.judged, row.failures, row.half_judged) == (2, 0, 0), row
+    (comp,) = [r for r in build_report(run).judge if r.n == 2 and r.dimension == "composition"]
+    assert comp.wins == 2  # switch (8.0) beats merge (6.0) in both orders
 
 
 def test_exhausted_retries_recorded_and_redone(

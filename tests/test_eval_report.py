@@ -5,13 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cmlora.evaluate.cli import add_eval_subcommands, add_report_subcommand
-from cmlora.evaluate.report import bootstrap_ci, build_report, write_report
+from cmlora.evaluate.report import (
+    WinTieLoss,
+    bootstrap_ci,
+    build_report,
+    cost_series,
+    render_markdown,
+    winrate_series,
+    write_plots,
+    write_report,
+)
 from cmlora.evaluate.runs import JsonlAppender, ManifestError, read_jsonl, read_manifest, resolve_image
 
 # (composition, n, method, clipscore, full_calls, seconds)
@@ -113,20 +124,123 @@ def _row(data: Any, n: Any, dim: str) -> Any:
 def test_win_tie_loss_pooled_over_orders(tmp_path: Path) -> None:
     data = build_report(_make_run(tmp_path, concepts=False))
     assert {(r.a, r.b, r.model) for r in data.judge} == {("cmlora", "switch", "judge-x")}
+    # c2 is judged in one order only (its other order failed): it counts as half-judged, not as a win.
     expect = {
-        (2, "composition"): (2, 1, 0, 1),
-        (2, "image"): (1, 1, 1, 1),
-        (3, "composition"): (1, 0, 1, 0),
-        (3, "image"): (0, 2, 0, 0),
-        ("all", "composition"): (3, 1, 1, 1),
-        ("all", "image"): (1, 3, 1, 1),
+        (2, "composition"): (1, 1, 0, 1, 1),
+        (2, "image"): (0, 1, 1, 1, 1),
+        (3, "composition"): (1, 0, 1, 0, 0),
+        (3, "image"): (0, 2, 0, 0, 0),
+        ("all", "composition"): (2, 1, 1, 1, 1),
+        ("all", "image"): (0, 3, 1, 1, 1),
     }
-    for (n, dim), (w, t, lo, f) in expect.items():
+    for (n, dim), (w, t, lo, f, half) in expect.items():
         row = _row(data, n, dim)
-        assert (row.wins, row.ties, row.losses, row.failures) == (w, t, lo, f), (n, dim)
+        assert (row.wins, row.ties, row.losses, row.failures, row.half_judged) == (w, t, lo, f, half), (
+            n,
+            dim,
+        )
     row = _row(data, 2, "composition")
-    assert row.mean_a == pytest.approx(8.0) and row.mean_b == pytest.approx(16 / 3)
-    assert row.rate(row.wins) == pytest.approx(2 / 3)
+    assert row.mean_a == pytest.approx(7.5) and row.mean_b == pytest.approx(6.5)
+    assert row.rate(row.wins) == pytest.approx(1 / 2)
+
+
+def _write_verdicts(run: Path, verdicts: list[dict[str, Any]]) -> None:
+    (run / "eval" / "judge.jsonl").write_text("".join(json.dumps(r) + "\n" for r in verdicts))
+
+
+def test_half_judged_items_left_out_and_counted(tmp_path: Path) -> None:
+    run = _make_run(tmp_path, concepts=False)
+    _write_verdicts(
+        run,
+        [
+            _verdict("c1", 2, AB, (8, 7), (6, 7)),  # judged in both orders: counted
+            _verdict("c1", 2, BA, (9, 7), (5, 7)),
+            _verdict("c2", 2, AB, (9, 8), (3, 6)),  # the other order failed after its retries
+            _verdict("c2", 2, BA, (0, 0), None),
+            _verdict("c3", 3, AB, (1, 1), (9, 9)),  # the other order is not judged yet
+        ],
+    )
+    data = build_report(run)
+    two = _row(data, 2, "composition")
+    assert (two.wins, two.ties, two.losses, two.judged, two.failures, two.half_judged) == (2, 0, 0, 2, 1, 1)
+    assert two.mean_a == pytest.approx(8.5) and two.mean_b == pytest.approx(5.5)
+    three = _row(data, 3, "composition")
+    assert (three.judged, three.failures, three.half_judged) == (0, 0, 1)
+    assert math.isnan(three.mean_a) and math.isnan(three.rate(three.wins))
+    pooled = _row(data, "all", "image")
+    assert (pooled.judged, pooled.failures, pooled.half_judged) == (2, 1, 2)
+    text = render_markdown(data)
+    assert "**2 half-judged item(s)** not counted" in text
+    assert "| 2 | cmlora vs switch | composition | 100.0% (2) | 0.0% (0) | 0.0% (0) | 2 | 1 | 1 |" in text
+    assert "| 3 | cmlora vs switch | composition | – | – | – | 0 | 0 | 1 |" in text
+    # Once every item is judged in both orders, the warning goes away.
+    _write_verdicts(run, [_verdict("c1", 2, AB, (8, 7), (6, 7)), _verdict("c1", 2, BA, (9, 7), (5, 7))])
+    assert "half-judged item(s)" not in render_markdown(build_report(run))
+
+
+def test_winrate_plot_data_keeps_ties(tmp_path: Path) -> None:
+    run = _make_run(tmp_path, concepts=False)
+    data = build_report(run)
+    series = winrate_series(data.judge)
+    assert set(series) == {("judge-x", "cmlora", "switch", d) for d in ("composition", "image")}
+    # N = 3, image quality: every comparison a tie.  It must be drawn as 100 % ties, not as 0 % wins.
+    assert series[("judge-x", "cmlora", "switch", "image")] == [
+        WinTieLoss(n=2, wins=0, ties=1, losses=1),
+        WinTieLoss(n=3, wins=0, ties=2, losses=0),
+    ]
+    assert series[("judge-x", "cmlora", "switch", "image")][1].percent() == (0.0, 100.0, 0.0)
+    assert series[("judge-x", "cmlora", "switch", "composition")][0].percent() == (50.0, 50.0, 0.0)
+    assert write_plots(data, run / "plots")[0] == run / "plots" / "winrate_vs_n.png"
+    assert (run / "plots" / "winrate_vs_n.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_cost_plot_data_full_and_cached_calls(tmp_path: Path) -> None:
+    run = _make_run(tmp_path, concepts=False)
+    manifest = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
+    for rec in manifest:
+        rec["cached_calls"] = 40 * rec["n"] if rec["method"] == "cmlora" else 0
+    (run / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in manifest))
+    panels = cost_series(build_report(run).methods)
+    assert list(panels) == [
+        "full UNet calls / image",
+        "cached UNet calls / image (shallow blocks only)",
+        "seconds / image",
+    ]
+    assert panels["full UNet calls / image"]["cmlora"] == [(2, 100.0), (3, 120.0)]
+    assert panels["cached UNet calls / image (shallow blocks only)"]["cmlora"] == [(2, 80.0), (3, 120.0)]
+    assert panels["cached UNet calls / image (shallow blocks only)"]["switch"] == [(2, 0.0), (3, 0.0)]
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_written_files_follow_umask(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from cmlora.evaluate.judge import ResponseCache
+    from cmlora.profiles import ProfileFile
+    from cmlora.records import save_image
+
+    run = _make_run(tmp_path, concepts=False)
+    old = os.umask(0o022)
+    try:
+        report, _ = write_report(run, n_resamples=50)
+        ResponseCache(run / "eval" / "judge_cache").put("ab" + "0" * 62, "judge-x", "reply")
+        png, sidecar = save_image(Image.new("RGB", (4, 4)), {"seed": 1}, tmp_path / "out" / "img.png")
+        ProfileFile(entries=[]).save(tmp_path / "profiles.json")
+        written = [report, *sorted((run / "plots").iterdir()), png, sidecar, tmp_path / "profiles.json"]
+        written += list((run / "eval" / "judge_cache").rglob("*.json"))
+        assert len(written) == 8
+        assert {str(p.relative_to(tmp_path)): oct(_mode(p)) for p in written} == {
+            str(p.relative_to(tmp_path)): "0o644" for p in written
+        }
+        os.umask(0o077)
+        report, _ = write_report(run, n_resamples=50, plots=False)
+        assert _mode(report) == 0o600
+    finally:
+        os.umask(old)
+    assert not [p for p in tmp_path.rglob("*.tmp")]
 
 
 def test_method_rows_clipscore_ci_and_cost(tmp_path: Path) -> None:
@@ -164,7 +278,7 @@ def test_write_report_markdown_plots_and_concept_hook(tmp_path: Path) -> None:
     assert "concept recall" in text and data.has_concepts
     rows = {(r.method, r.n): r for r in data.methods}
     assert rows[("cmlora", 2)].recall == 1.0 and rows[("switch", 2)].all_present == 0.0
-    assert "| 2 | cmlora vs switch | composition | 66.7% (2) | 33.3% (1) | 0.0% (0) | 3 | 1 |" in text
+    assert "| 2 | cmlora vs switch | composition | 50.0% (1) | 50.0% (1) | 0.0% (0) | 2 | 1 | 1 |" in text
     for name in ("winrate_vs_n.png", "clipscore_vs_n.png", "cost_vs_n.png"):
         png = run / "plots" / name
         assert png.read_bytes().startswith(b"\x89PNG"), name

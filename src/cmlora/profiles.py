@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 from cmlora.errors import CmloraError
 from cmlora.frequency import order_and_partition
+from cmlora.records import atomic_write_bytes
 
 FORMAT_NAME = "cmlora-profiles"
 FORMAT_VERSION = 1
@@ -150,25 +150,14 @@ class ProfileFile:
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically: a temporary file in the same folder, then os.replace.
+        """Write atomically (the project's one atomic-write helper: temporary file, fsync, os.replace).
 
         A reader (or a crash) never sees half a file, and a failed save leaves the old one intact.
         ``allow_nan=False`` because NaN is not JSON and other readers would reject the file.
         """
         target = Path(path)
         text = json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(target, text.encode("utf-8"))
         self.source = str(target)
 
     @classmethod

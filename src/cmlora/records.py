@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from importlib import metadata
 from pathlib import Path
 
@@ -63,11 +63,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _create_temp(folder: Path, name: str) -> tuple[int, Path]:
+    """Open a new, uniquely named temporary file in ``folder`` with mode 0o666 minus the umask.
+
+    ``tempfile.mkstemp`` always creates 0o600, and ``os.replace`` keeps that mode, so every image,
+    report, plot and cache entry came out private whatever the umask said, unlike the files any
+    other tool (or ``open()``) makes.  Asking the kernel for 0o666 lets it apply the umask itself,
+    with no need to read the process-wide umask (which cannot be read without changing it).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file for {name!r} in {str(folder)!r}")
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: never a half file."""
+    """Write to a temporary file in the same folder, fsync, then rename: never a half file.
+
+    The file gets the usual ``0o666 & ~umask`` mode (see :func:`_create_temp`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

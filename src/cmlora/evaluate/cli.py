@@ -152,7 +152,11 @@ def add_eval_subcommands(subparsers: Any) -> argparse.ArgumentParser:
         help="environment variable holding the API key (default: OPENAI_API_KEY); unset = no key sent",
     )
     judge.add_argument(
-        "--timeout", type=_positive_float, default=120.0, help="seconds per request (default: 120)"
+        "--timeout",
+        type=_positive_float,
+        default=120.0,
+        help="seconds per request in total: connecting, sending and receiving the whole reply, however "
+        "slowly the server sends it; a request that runs out is retried like a timeout (default: 120)",
     )
     judge.add_argument(
         "--max-retries",
@@ -185,7 +189,8 @@ def add_eval_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     judge.add_argument(
         "--retry-failures",
         action="store_true",
-        help="judge again the items recorded as failures (malformed replies, rejected requests)",
+        help="judge again the items recorded as failures (malformed replies, rejected requests, unreadable "
+        "images); transport failures (timeouts, connection errors, 5xx) are judged again by any re-run",
     )
     judge.add_argument(
         "--limit",
@@ -261,7 +266,7 @@ def _run_clipscore(args: argparse.Namespace) -> int:
 
 
 def _run_judge(args: argparse.Namespace) -> int:
-    from .judge import JudgeAborted, JudgeConfig, judge_run
+    from .judge import JudgeAborted, JudgeConfig, judge_run, retry_hint
     from .runs import ManifestError
 
     config = JudgeConfig(
@@ -296,9 +301,11 @@ def _run_judge(args: argparse.Namespace) -> int:
         f"{summary.skipped_existing} already done, {summary.requests} request(s) sent"
     )
     if summary.failures:
+        # Say per kind what redoes them: a plain re-run for transport failures, --retry-failures otherwise.
+        kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(summary.failure_kinds.items()))
+        where = f"{args.run_dir}/eval/judge.jsonl"
         print(
-            f"see 'failure' lines in {args.run_dir}/eval/judge.jsonl; --retry-failures re-asks them",
-            file=sys.stderr,
+            f"see 'failure' lines in {where} ({kinds}): {retry_hint(summary.failure_kinds)}", file=sys.stderr
         )
     return 0
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import functools
 import hashlib
+import http.client
 import io
 import itertools
 import json
@@ -30,6 +32,7 @@ import logging
 import math
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -168,6 +171,114 @@ def _parse_retry_after(value: str | None, now: float | None = None) -> float | N
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+# --------------------------------------------------------------------------------------------------
+# A total deadline per request
+# --------------------------------------------------------------------------------------------------
+#
+# ``urlopen(timeout=...)`` bounds each socket operation, not the request: a server that trickles its
+# reply one chunk at a time restarts the clock on every chunk and can hold a request for ever.  The
+# classes below keep urllib (proxies from the environment, TLS defaults, HTTPError handling) and only
+# change the connection it opens: connecting gets the time left, and every read of the status line,
+# headers and body waits at most the time left before one monotonic deadline.
+
+
+def _time_left(deadline: float) -> float:
+    """Seconds before ``deadline`` (monotonic clock); TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("request deadline passed")
+    return left
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's read side that never waits past ``deadline``, whatever the server's pace."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        # makefile() holds a reference, so the socket stays open after the connection hands it over.
+        self._raw = sock.makefile("rb", buffering=0)
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        self._sock.settimeout(_time_left(self._deadline))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """HTTPResponse whose every read (status line, headers, body) is bounded by one deadline."""
+
+    def __init__(self, sock: socket.socket, *args: Any, deadline: float, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()  # the plain buffered file the base class made; replaced by a deadline-aware one
+        self.fp = io.BufferedReader(_DeadlineReader(sock, deadline))
+
+
+class _DeadlineConnectionMixin:
+    """Connect within the time left and answer with a :class:`_DeadlineResponse`."""
+
+    timeout: float | None
+
+    def __init__(self, *args: Any, deadline: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
+
+    def connect(self) -> None:
+        self.timeout = _time_left(self._deadline)  # also bounds the TLS handshake and sending
+        super().connect()  # type: ignore[misc]
+
+
+class _DeadlineHTTPConnection(_DeadlineConnectionMixin, http.client.HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPSConnection(_DeadlineConnectionMixin, http.client.HTTPSConnection):
+    pass
+
+
+class _DeadlineHandlerMixin:
+    """urllib handler opening deadline-bound connections; urllib's own arguments pass through."""
+
+    connection_class: type
+
+    def __init__(self, deadline: float) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
+        del http_class  # replaced by the deadline-bound flavour of the same connection
+        factory = functools.partial(self.connection_class, deadline=self._deadline)
+        return super().do_open(factory, req, **kwargs)  # type: ignore[misc]
+
+
+class _DeadlineHTTPHandler(_DeadlineHandlerMixin, urllib.request.HTTPHandler):
+    connection_class = _DeadlineHTTPConnection
+
+
+class _DeadlineHTTPSHandler(_DeadlineHandlerMixin, urllib.request.HTTPSHandler):
+    connection_class = _DeadlineHTTPSConnection
+
+
+def _post_with_deadline(request: urllib.request.Request, timeout: float) -> bytes:
+    """POST ``request`` and return the whole body, or raise TimeoutError after ``timeout`` seconds in total.
+
+    HTTP errors surface as ``urllib.error.HTTPError`` exactly as with ``urlopen``.
+    """
+    deadline = time.monotonic() + timeout
+    opener = urllib.request.build_opener(_DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline))
+    with opener.open(request, timeout=timeout) as resp:
+        return resp.read()
+
+
 @dataclass
 class JudgeConfig:
     """Everything about *how* to judge; ``sleep`` is injectable so tests need not wait."""
@@ -233,8 +344,7 @@ class ChatClient:
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             self.requests_made += 1
             try:
-                with urllib.request.urlopen(request, timeout=self.config.timeout) as resp:
-                    payload = resp.read()
+                payload = _post_with_deadline(request, self.config.timeout)
                 return self._extract_text(payload)
             except urllib.error.HTTPError as exc:
                 last_status = exc.code
@@ -247,12 +357,17 @@ class ChatClient:
                 retry_after = _parse_retry_after(exc.headers.get("Retry-After") if exc.headers else None)
                 if retry_after is not None:
                     wait = min(retry_after, self.config.retry_after_max)
-            except TimeoutError as exc:
+            except TimeoutError:
                 last_status = None
-                last_error = f"timeout after {self.config.timeout:g}s from {self.url} ({type(exc).__name__})"
+                last_error = f"timeout: no complete reply within {self.config.timeout:g}s from {self.url}"
             except urllib.error.URLError as exc:
                 last_status = None
-                last_error = f"cannot reach {self.url}: {exc.reason}"
+                if isinstance(exc.reason, TimeoutError):
+                    last_error = (
+                        f"timeout: cannot connect or send to {self.url} within {self.config.timeout:g}s"
+                    )
+                else:
+                    last_error = f"cannot reach {self.url}: {exc.reason}"
             except (ConnectionError, OSError) as exc:
                 last_status = None
                 last_error = f"connection error with {self.url}: {type(exc).__name__}: {exc}"
@@ -519,6 +634,26 @@ class JudgeSummary:
     skipped_existing: int = 0
     unmatched: int = 0
     requests: int = 0
+    failure_kinds: dict[str, int] = field(default_factory=dict)
+
+
+# What brings each kind of failure back, so the stop message and the CLI can say the right thing:
+# transport failures are always judged again, the others only with --retry-failures.
+_RETRY_HINTS = {
+    "transport": "transport failures (timeouts, connection errors, 5xx after all retries) are judged "
+    "again by a plain re-run of the same command",
+    "malformed": "malformed replies are asked again only with --retry-failures",
+    "http": "rejected requests (HTTP 4xx) are asked again only with --retry-failures, once the cause "
+    "(e.g. --max-tokens, --model, image size) is fixed",
+    "image": "unreadable images are judged again only with --retry-failures, once the files are fixed",
+}
+
+
+def retry_hint(kinds: Iterable[str]) -> str:
+    """How to redo failures of these kinds: a plain re-run for transport failures, else --retry-failures."""
+    seen = list(dict.fromkeys(kinds))
+    hints = [_RETRY_HINTS.get(k, f"{k} failures are asked again only with --retry-failures") for k in seen]
+    return "; ".join(hints)
 
 
 def _record_key(rec: Mapping[str, Any]) -> tuple[str, int, tuple[str, ...], str]:
@@ -572,7 +707,7 @@ def judge_run(
     """Judge every pair of ``methods`` (all combinations) on every shared composition and seed, in both orders.
 
     Verdicts go to ``RUN_DIR/eval/judge.jsonl``; items already there (for this judge model) are
-    skipped, failures too unless ``retry_failures``.  ``limit`` caps new judgements, which helps to
+    skipped, failures too unless ``retry_failures`` (transport failures are always judged again).  ``limit`` caps new judgements, which helps to
     try a paid endpoint on a handful of items first.
     """
     methods = list(methods)
@@ -609,7 +744,7 @@ def judge_run(
         work = work[: max(0, limit)]
 
     client = ChatClient(config)
-    consecutive = 0
+    streak: list[str] = []  # failure kinds of the current run of consecutive failures
     with (
         JsonlAppender(out_path) as sink,
         tqdm(total=len(work), desc=f"judge {config.model}", unit="pair", disable=not progress) as bar,
@@ -625,18 +760,20 @@ def judge_run(
             if "scores" in record:
                 summary.verdicts += 1
                 summary.from_cache += int(record.get("cached", False))
-                consecutive = 0
+                streak.clear()
             else:
+                kind = str(record.get("failure_kind"))
                 summary.failures += 1
-                consecutive += 1
+                summary.failure_kinds[kind] = summary.failure_kinds.get(kind, 0) + 1
+                streak.append(kind)
                 logger.warning(
                     "judge failure on %s %s: %s", first.composition_id, record["methods"], record["failure"]
                 )
-                if consecutive >= config.max_consecutive_failures:
+                if len(streak) >= config.max_consecutive_failures:
                     summary.requests = client.requests_made
                     raise JudgeAborted(
-                        f"stopping after {consecutive} consecutive failures (last: {record['failure']}); "
-                        "fix the cause and re-run with --retry-failures"
+                        f"stopping after {len(streak)} consecutive failures (last: {record['failure']}); "
+                        f"fix the cause: {retry_hint(streak)}"
                     )
     summary.requests = client.requests_made
     return summary
@@ -651,7 +788,11 @@ def _judge_one(
     client: ChatClient,
     cache: ResponseCache,
 ) -> dict[str, Any]:
-    """One verdict record for one presentation order; never raises for item-level problems."""
+    """One verdict record for one presentation order; never raises for item-level problems.
+
+    ``attempts`` counts every HTTP request sent for the record (transport retries and malformed
+    re-asks alike; 0 for a cache hit), since that is what a paid endpoint bills and rate-limits.
+    """
     shown = [first.method, second.method]
     record: dict[str, Any] = {
         "composition_id": first.composition_id,
@@ -684,19 +825,19 @@ def _judge_one(
     messages = build_messages(prompt, pngs)
     last_problem = ""
     last_reply: str | None = None
-    attempts = 0
+    requests_before = client.requests_made
+    asks = 0
     for _ in range(config.malformed_retries + 1):
-        attempts += 1
+        asks += 1
         try:
             reply = client.complete(messages)
         except TransportError as exc:
-            if exc.fatal:
-                kind = "fatal"
-            elif exc.status is not None and exc.status < 500 and exc.status not in ChatClient._RETRY_STATUS:
-                kind = "http"
-            else:
-                kind = "transport"
-            record.update(failure=str(exc), failure_kind=kind, raw_reply_sha=None, attempts=attempts)
+            record.update(
+                failure=str(exc),
+                failure_kind=_transport_kind(exc),
+                raw_reply_sha=None,
+                attempts=client.requests_made - requests_before,
+            )
             return record
         except MalformedReply as exc:
             last_problem, last_reply = str(exc), None
@@ -707,16 +848,29 @@ def _judge_one(
             last_problem, last_reply = str(exc), reply
             continue
         cache.put(key, config.model, reply)
+        attempts = client.requests_made - requests_before
         return _with_scores(record, shown, parsed, reply, cached_hit=False, attempts=attempts)
     excerpt = client._redact(" ".join((last_reply or "").split())[:160])
+    attempts = client.requests_made - requests_before
     record.update(
-        failure=client._redact(f"malformed reply after {attempts} attempt(s): {last_problem}")
+        failure=client._redact(
+            f"malformed reply after {asks} ask(s) ({attempts} HTTP request(s)): {last_problem}"
+        )
         + (f" (reply starts {excerpt!r})" if excerpt else ""),
         failure_kind="malformed",
         raw_reply_sha=None if last_reply is None else hashlib.sha256(last_reply.encode("utf-8")).hexdigest(),
         attempts=attempts,
     )
     return record
+
+
+def _transport_kind(exc: TransportError) -> str:
+    """``fatal`` (stop the run), ``http`` (this request was refused) or ``transport`` (redo on any re-run)."""
+    if exc.fatal:
+        return "fatal"
+    if exc.status is not None and exc.status < 500 and exc.status not in ChatClient._RETRY_STATUS:
+        return "http"
+    return "transport"
 
 
 def _with_scores(

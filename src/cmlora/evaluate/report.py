@@ -3,8 +3,10 @@
 The report is computed only from files on disk (manifest + ``eval/*.jsonl``) so it can be rebuilt at
 any time, including while a judge run is still going.  Judge verdicts are counted the way the papers
 count them: win / tie / loss per dimension, each presentation order counted as one comparison, so
-position bias averages out.  CLIPScore means get percentile-bootstrap 95 % intervals with a fixed
-seed, so re-running the report gives byte-identical numbers.
+position bias averages out.  That only holds when both orders are counted, so an item judged in one
+order only (the other failed or is not judged yet) is left out and reported as *half-judged*.
+CLIPScore means get percentile-bootstrap 95 % intervals with a fixed seed, so re-running the report
+gives byte-identical numbers.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ __all__ = [
     "JudgeRow",
     "MethodRow",
     "ReportData",
+    "WinTieLoss",
     "bootstrap_ci",
     "build_report",
+    "cost_series",
     "render_markdown",
+    "winrate_series",
     "write_report",
 ]
 
@@ -89,7 +94,13 @@ class MethodRow:
 
 @dataclass
 class JudgeRow:
-    """Per (judge model, N, pair A-vs-B, dimension): A's win / tie / loss against B."""
+    """Per (judge model, N, pair A-vs-B, dimension): A's win / tie / loss against B.
+
+    Wins, ties, losses and the means count only items judged in *both* presentation orders (each
+    order once), because a lone order carries the judge's position bias uncancelled.  ``failures``
+    counts order verdicts without valid scores; ``half_judged`` counts items (composition, seed)
+    with a valid verdict in exactly one order, which are left out.
+    """
 
     model: str
     n: NKey
@@ -100,6 +111,7 @@ class JudgeRow:
     ties: int = 0
     losses: int = 0
     failures: int = 0
+    half_judged: int = 0
     mean_a: float = math.nan
     mean_b: float = math.nan
 
@@ -183,8 +195,11 @@ def _method_rows(
     return rows, sorted(clip_by_model)
 
 
-def _judge_rows(records: Sequence[Mapping[str, Any]], n_of: Mapping[str, int]) -> list[JudgeRow]:
-    # A re-judged item (e.g. --retry-failures) appears twice: the last line is the current verdict.
+ItemKey = tuple[str, str, Any, str, str]  # (model, composition, seed_index, A, B)
+
+
+def _latest_verdicts(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One record per (composition, seed, order, model): a re-judged item's last line is its verdict."""
     latest: dict[tuple[Any, ...], Mapping[str, Any]] = {}
     for rec in records:
         methods = tuple(rec.get("methods") or ())
@@ -192,33 +207,52 @@ def _judge_rows(records: Sequence[Mapping[str, Any]], n_of: Mapping[str, int]) -
             continue
         key = (str(rec.get("composition_id")), rec.get("seed_index", 0), methods, str(rec.get("model")))
         latest[key] = rec
-    rows: dict[tuple[str, NKey, str, str, str], JudgeRow] = {}
-    scores_a: dict[tuple[Any, ...], list[float]] = defaultdict(list)
-    scores_b: dict[tuple[Any, ...], list[float]] = defaultdict(list)
-    for rec in latest.values():
+    return list(latest.values())
+
+
+def _items(records: Iterable[Mapping[str, Any]]) -> dict[ItemKey, list[Mapping[str, Any]]]:
+    """Group order verdicts into items: both presentation orders of one pair on one composition and seed."""
+    items: dict[ItemKey, list[Mapping[str, Any]]] = defaultdict(list)
+    for rec in _latest_verdicts(records):
         methods = list(rec["methods"])
         pair = rec.get("pair")
         a, b = (pair[0], pair[1]) if isinstance(pair, list) and len(pair) == 2 else tuple(sorted(methods))
-        model = str(rec.get("model"))
-        n_raw = rec.get("n", n_of.get(str(rec.get("composition_id"))))
+        key = (str(rec.get("model")), str(rec.get("composition_id")), rec.get("seed_index", 0), a, b)
+        items[key].append(rec)
+    return items
+
+
+def _valid_scores(rec: Mapping[str, Any], a: str, b: str) -> Mapping[str, Any] | None:
+    scores = rec.get("scores")
+    return scores if isinstance(scores, dict) and a in scores and b in scores else None
+
+
+def _judge_rows(records: Sequence[Mapping[str, Any]], n_of: Mapping[str, int]) -> list[JudgeRow]:
+    rows: dict[tuple[str, NKey, str, str, str], JudgeRow] = {}
+    scores_a: dict[tuple[Any, ...], list[float]] = defaultdict(list)
+    scores_b: dict[tuple[Any, ...], list[float]] = defaultdict(list)
+    for (model, comp, _seed, a, b), orders in _items(records).items():
+        n_raw = orders[0].get("n", n_of.get(comp))
         n: NKey = int(n_raw) if n_raw is not None else ALL
+        valid = [v for v in (_valid_scores(r, a, b) for r in orders) if v is not None]
         for nk in dict.fromkeys((n, ALL)):
             for dim in DIMENSIONS:
                 key = (model, nk, a, b, dim)
                 row = rows.setdefault(key, JudgeRow(model=model, n=nk, a=a, b=b, dimension=dim))
-                scores = rec.get("scores")
-                if not isinstance(scores, dict) or a not in scores or b not in scores:
-                    row.failures += 1
-                    continue
-                sa, sb = float(scores[a][dim]), float(scores[b][dim])
-                if sa > sb:
-                    row.wins += 1
-                elif sa < sb:
-                    row.losses += 1
-                else:
-                    row.ties += 1
-                scores_a[key].append(sa)
-                scores_b[key].append(sb)
+                row.failures += len(orders) - len(valid)
+                row.half_judged += int(len(valid) == 1)
+                if len(valid) != 2:
+                    continue  # a lone order would let the judge's position bias in
+                for scores in valid:
+                    sa, sb = float(scores[a][dim]), float(scores[b][dim])
+                    if sa > sb:
+                        row.wins += 1
+                    elif sa < sb:
+                        row.losses += 1
+                    else:
+                        row.ties += 1
+                    scores_a[key].append(sa)
+                    scores_b[key].append(sb)
     for key, row in rows.items():
         row.mean_a = _mean(scores_a.get(key, []))
         row.mean_b = _mean(scores_b.get(key, []))
@@ -264,6 +298,13 @@ def _pct(count: int, total: int) -> str:
     return f"{100.0 * count / total:.1f}% ({count})" if total else "–"
 
 
+def _half_judged_items(rows: Iterable[JudgeRow], model: str) -> int:
+    """Half-judged items of one judge model over all pairs (each item once, not once per dimension)."""
+    return sum(
+        r.half_judged for r in rows if r.model == model and r.n == ALL and r.dimension == DIMENSIONS[0]
+    )
+
+
 def render_markdown(data: ReportData) -> str:
     """The Markdown report; pure so it can be tested and diffed."""
     out = [f"# Evaluation report: `{Path(data.run_dir).name}`", ""]
@@ -274,7 +315,7 @@ def render_markdown(data: ReportData) -> str:
         head.append(f"CLIPScore [{model}] (95% CI)")
     if data.has_concepts:
         head += ["concept recall", "all present"]
-    head += ["UNet calls/img", "cached calls/img", "GMACs/img", "s/img"]
+    head += ["full UNet calls/img", "cached UNet calls/img", "GMACs/img", "s/img"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     for row in sorted(data.methods, key=lambda r: (_n_sort_key(r.n), r.method)):
@@ -302,11 +343,32 @@ def render_markdown(data: ReportData) -> str:
         out.append(f"## Pairwise judge: `{model}`")
         out.append("")
         out.append(
-            "Win / tie / loss of A against B, each presentation order counted once "
-            "(pooled over both orders); failures (items without a valid verdict) are listed but not counted."
+            "Win / tie / loss of A against B over the items (composition, seed) judged in both presentation "
+            "orders, each order counted once, so the judge's position bias cancels. *failures*: order "
+            "verdicts without valid scores; *half-judged*: items with a valid verdict in one order only "
+            "(the other failed or is not judged yet), left out of win / tie / loss and the means."
         )
         out.append("")
-        head = ["N", "A vs B", "dimension", "win", "tie", "loss", "judged", "failures", "mean A", "mean B"]
+        half = _half_judged_items(data.judge, model)
+        if half:
+            out.append(
+                f"**{half} half-judged item(s)** not counted: re-run `cmlora eval judge` (transport failures "
+                "and items not judged yet), with `--retry-failures` for malformed replies."
+            )
+            out.append("")
+        head = [
+            "N",
+            "A vs B",
+            "dimension",
+            "win",
+            "tie",
+            "loss",
+            "judged",
+            "failures",
+            "half-judged",
+            "mean A",
+            "mean B",
+        ]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
         rows = [r for r in data.judge if r.model == model]
@@ -323,6 +385,7 @@ def render_markdown(data: ReportData) -> str:
                         _pct(r.losses, r.judged),
                         str(r.judged),
                         str(r.failures),
+                        str(r.half_judged),
                         _fmt(r.mean_a),
                         _fmt(r.mean_b),
                     ]
@@ -339,8 +402,124 @@ def _save_fig(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+SeriesKey = tuple[str, str, str, str]  # (judge model, A, B, dimension)
+
+
+@dataclass(frozen=True)
+class WinTieLoss:
+    """A's win / tie / loss counts against B at one N: one stacked bar of ``winrate_vs_n.png``."""
+
+    n: int
+    wins: int
+    ties: int
+    losses: int
+
+    @property
+    def judged(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    def percent(self) -> tuple[float, float, float]:
+        """Win, tie and loss as percentages of the judged comparisons (they add up to 100)."""
+        total = self.judged
+        return (100 * self.wins / total, 100 * self.ties / total, 100 * self.losses / total)
+
+
+def winrate_series(rows: Iterable[JudgeRow]) -> dict[SeriesKey, list[WinTieLoss]]:
+    """What the win-rate plot draws: per (model, A, B, dimension), win / tie / loss at each N.
+
+    Ties are kept as their own band: drawing wins alone shows an all-tie criterion at 0 %, which
+    reads as "lost every time".  Pooled rows and Ns without a counted comparison are left out.
+    """
+    series: dict[SeriesKey, list[WinTieLoss]] = defaultdict(list)
+    for r in rows:
+        if r.n != ALL and r.judged:
+            series[(r.model, r.a, r.b, r.dimension)].append(WinTieLoss(int(r.n), r.wins, r.ties, r.losses))
+    return {key: sorted(points, key=lambda p: p.n) for key, points in sorted(series.items())}
+
+
+COST_PANELS = (
+    ("full_calls", "full UNet calls / image"),
+    ("cached_calls", "cached UNet calls / image (shallow blocks only)"),
+    ("seconds", "seconds / image"),
+)
+
+
+def cost_series(rows: Iterable[MethodRow]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """What the cost plot draws: per panel label and method, (N, mean per image) points.
+
+    Full and cached calls get a panel each, labelled as such, because a cached call (shallow blocks
+    only) costs a fraction of a full one and the two must not be read as one number.
+    """
+    per_n = sorted((r for r in rows if r.n != ALL), key=lambda r: (r.method, int(r.n)))
+    panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for attr, label in COST_PANELS:
+        lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for r in per_n:
+            value = getattr(r, attr)
+            if not math.isnan(value):
+                lines[r.method].append((int(r.n), float(value)))
+        if lines:
+            panels[label] = dict(lines)
+    return panels
+
+
+_WTL_COLOURS = (("win", "#4daf4a"), ("tie", "#bdbdbd"), ("loss", "#e41a1c"))
+
+
+def _draw_winrate(plt: Any, series: Mapping[SeriesKey, Sequence[WinTieLoss]], path: Path) -> None:
+    """Stacked win / tie / loss bars per N, one panel per (model, pair, dimension), counts written in."""
+    keys = list(series)
+    many_models = len({k[0] for k in keys}) > 1
+    cols = min(len(keys), len(DIMENSIONS))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        model, a, b, dim = key
+        points = series[key]
+        xs = np.arange(len(points))
+        bottom = np.zeros(len(points))
+        for band, (name, colour) in enumerate(_WTL_COLOURS):
+            counts = [(p.wins, p.ties, p.losses)[band] for p in points]
+            heights = np.array([p.percent()[band] for p in points])
+            ax.bar(xs, heights, bottom=bottom, color=colour, label=name, width=0.6)
+            for x, y0, h, c in zip(xs, bottom, heights, counts, strict=True):
+                if c:
+                    ax.text(x, y0 + h / 2, str(c), ha="center", va="center", fontsize=7)
+            bottom += heights
+        ax.set_xticks(xs, [f"N={p.n}\n({p.judged})" for p in points], fontsize=7)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel(f"% of judged ({a} vs {b})", fontsize=8)
+        ax.set_title(f"{a} vs {b}: {dim}" + (f" [{model}]" if many_models else ""), fontsize=9)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, [f"{lbl} of A" for lbl in labels], loc="upper center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def _draw_cost(
+    plt: Any, panels: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], ns: list[int], path: Path
+) -> None:
+    """One panel per cost (full calls, cached calls, seconds), each titled with what it counts."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4), squeeze=False)
+    for ax, (label, lines) in zip(axes[0], panels.items(), strict=True):
+        for method, pts in lines.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.set_xlabel("N (LoRAs in the composition)")
+        ax.set_xticks(ns)
+        ax.set_title(label, fontsize=9)
+        ax.set_ylabel("per image (mean)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
 def write_plots(data: ReportData, plots_dir: Path) -> list[Path]:
-    """Win rate, CLIPScore and cost against N; only plots that have data are drawn."""
+    """Win / tie / loss, CLIPScore and cost against N; only plots that have data are drawn."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -351,28 +530,10 @@ def write_plots(data: ReportData, plots_dir: Path) -> list[Path]:
     ns = sorted({int(r.n) for r in per_n} | {int(r.n) for r in data.judge if r.n != ALL})
     methods = sorted({r.method for r in per_n})
 
-    judge_rows = [r for r in data.judge if r.n != ALL and r.judged]
-    if judge_rows:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        series: dict[tuple[str, str, str, str], list[JudgeRow]] = defaultdict(list)
-        for r in judge_rows:
-            series[(r.model, r.a, r.b, r.dimension)].append(r)
-        for (model, a, b, dim), rows in sorted(series.items()):
-            rows.sort(key=lambda r: int(r.n))
-            label = f"{a} vs {b} ({dim})" + (f" [{model}]" if len({r.model for r in judge_rows}) > 1 else "")
-            style = "-" if dim == "composition" else "--"
-            ax.plot(
-                [int(r.n) for r in rows], [100 * r.rate(r.wins) for r in rows], style, marker="o", label=label
-            )
-        ax.set_xlabel("N (LoRAs in the composition)")
-        ax.set_xticks(ns)
-        ax.set_ylabel("win rate of A (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    series = winrate_series(data.judge)
+    if series:
         path = plots_dir / "winrate_vs_n.png"
-        _save_fig(fig, path)
-        plt.close(fig)
+        _draw_winrate(plt, series, path)
         written.append(path)
 
     if data.clip_models:
@@ -400,24 +561,10 @@ def write_plots(data: ReportData, plots_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    cost_fields = [("full_calls", "UNet calls / image"), ("seconds", "seconds / image")]
-    cost_fields = [(f, lbl) for f, lbl in cost_fields if any(not math.isnan(getattr(r, f)) for r in per_n)]
-    if cost_fields:
-        fig, axes = plt.subplots(1, len(cost_fields), figsize=(5.5 * len(cost_fields), 4), squeeze=False)
-        for ax, (attr, label) in zip(axes[0], cost_fields, strict=True):
-            for method in methods:
-                rows = sorted((r for r in per_n if r.method == method), key=lambda r: int(r.n))
-                pts = [(int(r.n), getattr(r, attr)) for r in rows if not math.isnan(getattr(r, attr))]
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-            ax.set_xlabel("N (LoRAs in the composition)")
-            ax.set_xticks(ns)
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+    panels = cost_series(data.methods)
+    if panels:
         path = plots_dir / "cost_vs_n.png"
-        _save_fig(fig, path)
-        plt.close(fig)
+        _draw_cost(plt, panels, ns, path)
         written.append(path)
     return written
 

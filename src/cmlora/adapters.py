@@ -231,6 +231,36 @@ class LoRAWrapped(torch.nn.Module):
     def release_fused(self) -> None:
         self._fused_key, self._fused_weight = None, None
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.half()``, ``.cuda()`` on the pipeline move the LoRA factors with the layer
+        they adapt (they are plain tensors, not parameters: the pipeline's state_dict stays its own).
+        Stacked factors are moved once and the per-adapter views re-taken from them."""
+        super()._apply(fn, recurse)
+        if self.down_stack is not None:
+            self.down_stack, self.up_stack, self.scales = (
+                fn(self.down_stack),
+                fn(self.up_stack),
+                fn(self.scales),
+            )
+            for k, delta in enumerate(self._stack_slots()):
+                if delta is not None:
+                    r = delta.down.shape[0]
+                    delta.down = self.down_stack[k, :r]
+                    delta.up = self.up_stack[k, :, :r].view(delta.up.shape)
+            self.router.device, self.router.dtype = self.down_stack.device, self.down_stack.dtype
+        else:
+            for delta in self.deltas.values():
+                delta.down, delta.up = fn(delta.down), fn(delta.up)
+        self.release_fused()
+        return self
+
+    def _stack_slots(self) -> list[_Delta | None]:
+        slots = self.router.slots or {}
+        by_slot: list[_Delta | None] = [None] * len(slots)
+        for name, k in slots.items():
+            by_slot[k] = self.deltas.get(name)
+        return by_slot
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         router = self.router
         if router.fuse:
@@ -272,6 +302,15 @@ class LoRAWrapped(torch.nn.Module):
 
 
 _COMPONENT_ROUTER = {"unet": "unet", "text_encoder": "text", "text_encoder_2": "text"}
+
+
+def installed_in(pipe: object) -> bool:
+    """Whether a cmlora session (a Composer not closed yet) has LoRA wrappers in this pipeline."""
+    for component in _COMPONENT_ROUTER:
+        model = getattr(pipe, component, None)
+        if isinstance(model, torch.nn.Module) and any(isinstance(m, LoRAWrapped) for m in model.modules()):
+            return True
+    return False
 
 
 class AdapterSet:

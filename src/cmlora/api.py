@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import AdapterSet
+from .adapters import AdapterSet, installed_in
 from .compiled import compile_blocks, composing, uncompile_blocks
 from .errors import OptionError
 from .loras import LoRA, LoRAFile, read_lora_file, resolve
@@ -56,6 +56,11 @@ class Composer:
     """
 
     def __init__(self, pipe, loras: Sequence[LoRA], allow_partial: bool = False, allow_pickle: bool = False):
+        if installed_in(pipe):
+            raise OptionError(
+                "this pipeline already has an open cmlora Composer (its LoRAs are installed): use that "
+                "one, or close() it (or leave its `with` block) before opening another"
+            )
         self.pipe = pipe
         self.loras = _check_loras(loras)
         files: list[LoRAFile] = [read_lora_file(lora.path, allow_pickle=allow_pickle) for lora in self.loras]

@@ -19,12 +19,12 @@ import torch
 from .adapters import AdapterSet, installed_in
 from .compiled import compile_blocks, composing, uncompile_blocks
 from .errors import OptionError
-from .loras import LoRA, LoRAFile, read_lora_file, resolve
+from .loras import MAX_STRENGTH, LoRA, LoRAFile, read_lora_file, resolve
 from .macs import MacCounter
 from .methods import Composition, Method, build_method, default_variant, method_label, reads_profile
 from .plans import StepPlan
 from .records import library_versions
-from .sampler import Conditioning, decode, denoise, encode_prompt
+from .sampler import Conditioning, check_latents, decode, denoise, encode_prompt
 from .unet_cache import default_cache_block
 
 MAX_SEED = 2**63 - 1
@@ -190,9 +190,9 @@ class Composer:
             isinstance(lora_scale, bool)
             or not isinstance(lora_scale, int | float)
             or not math.isfinite(lora_scale)
-            or lora_scale < 0
+            or not 0 <= lora_scale <= MAX_STRENGTH
         ):
-            raise OptionError(f"lora_scale must be a finite number >= 0, got {lora_scale!r}")
+            raise OptionError(f"lora_scale must be a number in [0, {MAX_STRENGTH:g}], got {lora_scale!r}")
         variant = variant or default_variant(method)
         options = self._profile_options(profile, method, variant, options)
         if method in ("cmlora", "composite") and "cache_block" not in options:
@@ -287,6 +287,7 @@ class Composer:
                 if bar is not None:
                     bar.close()
                 self.adapters.unet.clear()
+            check_latents(latents)
             images = decode(pipe, latents)
         seconds = time.perf_counter() - start
         records = []

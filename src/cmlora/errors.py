@@ -19,3 +19,7 @@ class LoRAFileError(CmloraError, ValueError):
 
 class OptionError(CmloraError, ValueError):
     """A method option or a generation setting is out of range."""
+
+
+class GenerationError(CmloraError, RuntimeError):
+    """A generation ran but its result is not an image (non-finite or saturated): it is never saved."""

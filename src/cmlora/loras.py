@@ -48,6 +48,11 @@ _DOTTED_PAIRS = (
 )
 
 
+#: The largest LoRA weight or scale accepted: strengths beyond a few units already wreck images;
+#: far larger ones only overflow (an image of NaN or a black frame), so they are refused up front.
+MAX_STRENGTH = 1000.0
+
+
 @dataclass(frozen=True)
 class LoRA:
     """One LoRA of a composition, as the user names it.
@@ -67,8 +72,14 @@ class LoRA:
         object.__setattr__(self, "triggers", tuple(self.triggers))
         if self.name is None:
             object.__setattr__(self, "name", Path(self.path).stem)
-        if not isinstance(self.weight, int | float) or not math.isfinite(self.weight) or self.weight < 0:
-            raise OptionError(f"LoRA {self.name!r}: weight must be a finite number >= 0, got {self.weight!r}")
+        if (
+            not isinstance(self.weight, int | float)
+            or not math.isfinite(self.weight)
+            or not 0 <= self.weight <= MAX_STRENGTH
+        ):
+            raise OptionError(
+                f"LoRA {self.name!r}: weight must be a number in [0, {MAX_STRENGTH:g}], got {self.weight!r}"
+            )
         if self.category is not None and self.category not in CATEGORIES:
             raise OptionError(
                 f"LoRA {self.name!r}: unknown category {self.category!r}; use one of {', '.join(CATEGORIES)}"
@@ -377,6 +388,13 @@ def _checked_pair(
         raise LoRAFileError(path, f"up weight must be 1x1, got {list(up.shape)}", key=source)
     if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
         raise LoRAFileError(path, f"alpha must be a positive finite number, got {alpha}", key=source)
+    if alpha is not None and alpha / rank > MAX_STRENGTH:
+        raise LoRAFileError(
+            path,
+            f"alpha {alpha:g} at rank {rank} scales the LoRA by {alpha / rank:g}, over {MAX_STRENGTH:g}: "
+            "the file is broken (kohya files have alpha <= a few times the rank)",
+            key=source,
+        )
     return LoRAModuleWeights(component=component, key=module, down=down, up=up, alpha=alpha, source=source)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import AdapterSet, RowGroup
+from .errors import GenerationError
 from .macs import MacCounter
 from .methods import Method, StepState
 from .plans import StepPlan, UNetCall
@@ -275,4 +276,34 @@ def decode(pipe, latents: torch.Tensor) -> list:
     finally:
         if upcast:
             vae.to(original_dtype)
+    check_decoded(image)
     return pipe.image_processor.postprocess(image.float(), output_type="pil")
+
+
+#: Share of saturated pixel values above which a decoded image is degenerate (a flat black or white
+#: frame, what an absurd LoRA strength gives): real images come nowhere near it.
+SATURATED_SHARE = 0.99
+
+
+def check_latents(latents: torch.Tensor) -> None:
+    if not torch.isfinite(latents).all():
+        bad = [k for k in range(latents.shape[0]) if not torch.isfinite(latents[k]).all()]
+        raise GenerationError(
+            f"the denoised latents of image(s) {bad} of this batch are not finite (NaN or inf): a LoRA "
+            "strength (weight, --lora-scale or a file's alpha) is too large for this model; lower it"
+        )
+
+
+def check_decoded(image: torch.Tensor) -> None:
+    """Refuse decoded images that are non-finite or saturated almost everywhere."""
+    if not torch.isfinite(image).all():
+        raise GenerationError(
+            "the decoded image is not finite (NaN or inf): a LoRA strength (weight, --lora-scale or a "
+            "file's alpha) is too large for this model, or the VAE overflows in this dtype (try fp32)"
+        )
+    saturated = (image.float().abs() >= 1.0).flatten(1).float().mean(1)
+    if (saturated >= SATURATED_SHARE).any():
+        raise GenerationError(
+            f"the decoded image is saturated ({float(saturated.max()):.1%} of its values at black or "
+            "white): a LoRA strength (weight, --lora-scale or a file's alpha) is too large; lower it"
+        )

@@ -335,8 +335,8 @@ def test_manifest_errors_name_the_line(tmp_path: Path) -> None:
 
 def test_manifest_trigger_prompt_fallback_and_partial_tail(tmp_path: Path) -> None:
     run = tmp_path / "r2"
-    _write_manifest(run, [_entry("c1", 3, "cmlora", 1, 1.0)], tail='{"image": "images/half')
-    (entry,) = read_manifest(run)
+    _write_manifest(run, [_entry("c1", 3, "cmlora", 1, 1.0)])
+    (entry,) = read_manifest(run)  # a cut manifest is refused (test_a_manifest_cut_short_...)
     assert entry.trigger_prompt == "t0, t1, t2"
     assert [lo.category for lo in entry.loras] == ["character", "object", "object"]
     assert resolve_image(run, "images/a/../b.png") == run / "images" / "b.png"
@@ -400,3 +400,30 @@ def test_cli_registration_and_report_command(tmp_path: Path, capsys: pytest.Capt
     assert (run / "report.md").exists() and not (run / "plots").exists()
     args = parser.parse_args(["report", str(tmp_path / "missing")])
     assert args.func(args) == 2
+
+
+def test_a_manifest_cut_short_is_refused_not_silently_shortened(tmp_path: Path) -> None:
+    from cmlora.evaluate.runs import partial_tail
+
+    run = tmp_path / "run"
+    run.mkdir()
+    good = '{"image": "images/a.png"}\n'
+    (run / "manifest.jsonl").write_text(good + '{"image": "images/b.p')
+    assert partial_tail(run / "manifest.jsonl")
+    with pytest.raises(ManifestError, match="cut short"):
+        read_manifest(run)
+    (run / "manifest.jsonl").write_text(good)
+    assert not partial_tail(run / "manifest.jsonl")
+
+
+def test_scorers_name_a_truncated_image(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from cmlora.evaluate.runs import open_run_image
+
+    path = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), "red").save(path)
+    assert open_run_image(path).size == (32, 32)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ManifestError, match="truncated or corrupt"):
+        open_run_image(path)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from cmlora.errors import CmloraError
 from cmlora.testbed.sweep import (
     _RANK_VARS,
     MANIFEST_FILE,
@@ -621,3 +622,40 @@ def test_seed_batch_settings_refused(tmp_path: Path) -> None:
 
     with pytest.raises(SweepError, match="returned 1 images for 2 jobs"):
         run_sweep(tmp_path, settings, jobs, Short(), progress=False, rank=0, world_size=1, batch_size=2)
+
+
+def test_resume_remakes_a_truncated_png(tmp_path: Path, reference: dict[str, bytes]) -> None:
+    """A PNG cut short (crash or full disk) with its record intact is made again, not kept."""
+    settings, jobs = build()
+    run_sweep(tmp_path, settings, jobs, make_generate(), progress=False, rank=0, world_size=1)
+    broken = tmp_path / "images" / f"{jobs[3].job_id}.png"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    made: list[str] = []
+    generate = make_generate()
+
+    def tracking(job: SweepJob) -> tuple[Image.Image, dict[str, Any]]:
+        made.append(job.job_id)
+        return generate(job)
+
+    run_sweep(tmp_path, settings, jobs, tracking, progress=False, rank=0, world_size=1)
+    assert made == [jobs[3].job_id]
+    assert _snapshot(tmp_path) == reference
+
+
+def test_a_run_that_made_nothing_can_be_rerun_with_corrected_settings(tmp_path: Path) -> None:
+    """A sweep stopped by a bad setting before its first image does not pin that setting forever."""
+    settings, jobs = build()
+
+    def bad(job: SweepJob) -> tuple[Image.Image, dict[str, Any]]:
+        raise CmloraError("num_inference_steps must be >= 1, got 0")
+
+    with pytest.raises(CmloraError):
+        run_sweep(tmp_path, settings, jobs, bad, progress=False, rank=0, world_size=1)
+    other_settings, other_jobs = build(base_seed=112)
+    summary = run_sweep(
+        tmp_path, other_settings, other_jobs, make_generate(), progress=False, rank=0, world_size=1
+    )
+    assert summary.generated == N_JOBS
+    assert json.loads((tmp_path / "run.json").read_text())["settings"] == json.loads(
+        json.dumps(other_settings)
+    )

@@ -29,6 +29,7 @@ from .runs import (
     JsonlAppender,
     ManifestError,
     eval_dir,
+    open_run_image,
     read_jsonl,
     read_manifest,
     resolve_image,
@@ -292,10 +293,7 @@ def clip_score_run(
     ):
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            images = []
-            for p in paths[start : start + batch_size]:
-                with Image.open(p) as im:
-                    images.append(im.convert("RGB"))
+            images = [open_run_image(p) for p in paths[start : start + batch_size]]
             scores = scorer.score(images, [e.trigger_prompt for e in chunk])
             for entry, value in zip(chunk, scores, strict=True):
                 rec = {"image": entry.image, "clipscore": float(value), "clip_model": clip_name}

@@ -11,7 +11,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .runs import CONCEPTS_FILENAME, JsonlAppender, eval_dir, read_jsonl, read_manifest, resolve_image
+from .runs import (
+    CONCEPTS_FILENAME,
+    JsonlAppender,
+    eval_dir,
+    open_run_image,
+    read_jsonl,
+    read_manifest,
+    resolve_image,
+)
 
 
 def concept_recall(expected: dict[str, str], detected: dict[str, str | None]) -> tuple[float, bool]:
@@ -23,7 +31,6 @@ def concept_recall(expected: dict[str, str], detected: dict[str, str | None]) ->
 def score_run(run_dir: str | os.PathLike[str], batch_size: int = 256, progress: bool = True) -> Path:
     """Append {image, recall, all_present, detected, expected} to RUN_DIR/eval/concepts.jsonl for every
     manifest image not scored yet (an interrupted run resumes)."""
-    from PIL import Image
     from tqdm.auto import tqdm
 
     from ..mini.detectors import detect
@@ -36,10 +43,7 @@ def score_run(run_dir: str | os.PathLike[str], batch_size: int = 256, progress: 
     with JsonlAppender(out) as sink:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            images = []
-            for entry in chunk:
-                with Image.open(resolve_image(run_dir, entry.image)) as image:
-                    images.append(image.convert("RGB"))
+            images = [open_run_image(resolve_image(run_dir, entry.image)) for entry in chunk]
             for entry, detected in zip(chunk, detect(images), strict=True):
                 expected = {lora.category: lora.name for lora in entry.loras}
                 recall, all_present = concept_recall(expected, detected)

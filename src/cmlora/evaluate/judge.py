@@ -52,6 +52,7 @@ from .runs import (
     ManifestError,
     atomic_write_text,
     eval_dir,
+    open_run_image,
     read_jsonl,
     read_manifest,
     resolve_image,
@@ -429,6 +430,7 @@ def build_prompt(entry: ManifestEntry) -> str:
 
 
 def _png_bytes(path: Path) -> bytes:
+    open_run_image(path)  # a truncated or corrupt image is refused by name, never sent
     data = path.read_bytes()
     if data.startswith(PNG_SIGNATURE):
         return data

@@ -245,6 +245,41 @@ def parse_manifest_line(
     )
 
 
+def partial_tail(path: str | os.PathLike[str]) -> bool:
+    """Whether a JSONL file ends in a line cut short (no newline, not valid JSON): a crash mid-write."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - (1 << 16)))
+        tail = fh.read()
+    if not tail or tail.endswith(b"\n"):
+        return False
+    last = tail.rsplit(b"\n", 1)[-1]
+    try:
+        json.loads(last)
+    except ValueError:
+        return True
+    return False
+
+
+def open_run_image(path: str | os.PathLike[str]):
+    """A run's image, fully decoded as RGB; a missing, truncated or corrupt file is a ManifestError
+    naming it (scorers read images only through here)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ManifestError(
+            f"image {str(path)!r} is unreadable ({exc}): it is truncated or corrupt; re-run the sweep "
+            "command that made it (resuming remakes broken images)"
+        ) from None
+
+
 def read_manifest(run_dir: str | os.PathLike[str]) -> list[ManifestEntry]:
     """Load and validate ``RUN_DIR/manifest.jsonl``.
 
@@ -254,6 +289,13 @@ def read_manifest(run_dir: str | os.PathLike[str]) -> list[ManifestEntry]:
     path = Path(run_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"no {MANIFEST_NAME} in {str(run_dir)!r}: is this a sweep run directory?")
+    if partial_tail(path):
+        # the sweep writes its manifest atomically: a cut line is damage, and reading on would drop
+        # that image from every count without a word
+        raise ManifestError(
+            f"{path}: the last line is cut short (a crash while it was written): re-run the sweep "
+            "command that made this folder to rebuild the manifest from the images' records"
+        )
     entries: list[ManifestEntry] = []
     seen_images: dict[str, int] = {}
     seen_jobs: dict[str, int] = {}

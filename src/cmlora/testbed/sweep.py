@@ -454,6 +454,7 @@ class _Sweep:
             not isinstance(record, dict)
             or record.get("job_id") != job.job_id
             or record.get("seed") != job.seed
+            or not _png_is_whole(png)
         ):
             return None
         return record
@@ -507,11 +508,16 @@ class _Sweep:
             )
             if same and not new_run:
                 return
-            if not new_run:
+            if not new_run and self._has_results():
                 raise SweepSettingsError(self._mismatch_message(old, info))
+            # new_run, or a run that made nothing yet (e.g. stopped by a bad setting): nothing to keep
             self._discard_previous()
             _atomic_write_text(run_file, _dumps(info, indent=2) + "\n", self.tag)
             _fsync_dir(self.out)
+
+    def _has_results(self) -> bool:
+        """Whether any image of the previous run exists (its settings then must not change)."""
+        return self.images.is_dir() and any(p.suffix in (".png", ".json") for p in self.images.iterdir())
 
     def _mismatch_message(self, old: Any, new: dict[str, Any]) -> str:
         old_settings = old.get("settings") if isinstance(old, dict) else None
@@ -656,6 +662,16 @@ class _Sweep:
                         path.unlink(missing_ok=True)
             _fsync_dir(self.out)
         return records, complete
+
+
+def _png_is_whole(path: Path) -> bool:
+    """A resume must not keep a PNG cut short by a crash or a full disk: decode it fully."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return True
 
 
 def _canonical(value: Any) -> str:

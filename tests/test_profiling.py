@@ -257,7 +257,7 @@ def test_profile_conflicts_are_refused(sd15, sd15_loras, tmp_path):
                 width=16,
                 progress=False,
             )
-        with pytest.raises(OptionError, match="cmlora only"):
+        with pytest.raises(OptionError, match="cmlora and switch-profiled only"):
             c.generate(
                 prompt="red",
                 method="composite",

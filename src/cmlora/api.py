@@ -25,7 +25,6 @@ from .methods import Composition, Method, build_method, default_variant, method_
 from .plans import StepPlan
 from .records import library_versions
 from .sampler import Conditioning, check_latents, decode, denoise, encode_prompt
-from .unet_cache import default_cache_block
 
 MAX_SEED = 2**63 - 1
 
@@ -195,10 +194,6 @@ class Composer:
             raise OptionError(f"lora_scale must be a number in [0, {MAX_STRENGTH:g}], got {lora_scale!r}")
         variant = variant or default_variant(method)
         options = self._profile_options(profile, method, variant, options)
-        if method in ("cmlora", "composite") and "cache_block" not in options:
-            layer = options.get("cache_layer", 0)
-            if isinstance(layer, int):  # a bad layer is reported by the method's own checks
-                options["cache_block"] = default_cache_block(pipe.unet, layer)
         batch = bool(batch_calls)
         fuse = bool(fuse_loras) and not self.compiled  # compiled graphs select stacked adapters instead
         if not fuse:

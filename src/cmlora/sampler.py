@@ -16,7 +16,7 @@ from .errors import GenerationError
 from .macs import MacCounter
 from .methods import Method, StepState
 from .plans import StepPlan, UNetCall
-from .unet_cache import CachePoint, UNetSplit
+from .unet_cache import CachePoint, UNetSplit, default_cache_block
 
 
 @dataclass
@@ -206,7 +206,13 @@ def denoise(
     from .frequency import latent_high_frequency
 
     cfg = guidance_scale > 1.0
-    point = CachePoint(*method.cache_point) if method.uses_cache else None
+    point = None
+    if method.uses_cache:
+        layer, block = method.cache_point
+        if block is None:  # not given: this UNet's default, written back for the record
+            block = default_cache_block(pipe.unet, layer)
+            method.cache_point = (layer, block)
+        point = CachePoint(layer, block)
     executor = CallExecutor(pipe, adapters, macs, point, research)
     counters = Counters()
     loop_start = time.perf_counter()

@@ -126,6 +126,25 @@ def check_float(
     return float(value)  # type: ignore[arg-type]
 
 
+def cache_point_option(
+    method: str, uses_cache: bool, cache_layer: object, cache_block: object
+) -> tuple[int, int | None]:
+    """(layer, block) of a method's cache point; block None means the UNet's default, which the
+    session resolves (``Composer``). Given to a run that caches nothing they would be silently
+    ignored, so they are refused."""
+    if not uses_cache:
+        given = [n for n, v in (("cache_layer", cache_layer), ("cache_block", cache_block)) if v is not None]
+        if given:
+            raise OptionError(
+                f"{method}: {' and '.join(given)} set, but this run caches nothing (cache_interval 1): "
+                "give cache_interval > 1, or drop them"
+            )
+        return 0, None
+    layer = 0 if cache_layer is None else check_int("cache_layer", cache_layer, 0, 8)
+    block = None if cache_block is None else check_int("cache_block", cache_block, 0, 8)
+    return layer, block
+
+
 def check_text_encoder(value: object) -> str:
     if value not in TEXT_ENCODER_POLICIES:
         raise OptionError(f"text_encoder policy must be one of {TEXT_ENCODER_POLICIES}, got {value!r}")

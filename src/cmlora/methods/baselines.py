@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from ..errors import OptionError
 from ..plans import StepPlan, UNetCall, mix_weights, refresh_steps
-from .base import Composition, Method, StepState, check_float, check_int, check_text_encoder
+from .base import (
+    Composition,
+    Method,
+    StepState,
+    cache_point_option,
+    check_float,
+    check_int,
+    check_text_encoder,
+)
 from .cmlora import PUBLISHED_PHASE_FRACTION, resolve_partition
 
 
@@ -159,17 +167,14 @@ class Composite(Method):
         comp: Composition,
         text_encoder: str = "all",
         cache_interval: int = 1,
-        cache_layer: int = 0,
-        cache_block: int = 1,
+        cache_layer: int | None = None,
+        cache_block: int | None = None,
     ):
         super().__init__(comp)
         self.text_encoder = check_text_encoder(text_encoder)
         self.cache_interval = check_int("cache_interval", cache_interval, 1, 10_000)
-        self.cache_point = (
-            check_int("cache_layer", cache_layer, 0, 8),
-            check_int("cache_block", cache_block, 0, 8),
-        )
         self.uses_cache = self.cache_interval > 1
+        self.cache_point = cache_point_option(self.name, self.uses_cache, cache_layer, cache_block)
         self.weights = mix_weights(list(comp.names), comp.weights, None, 1.0)
         self.refresh = {
             n: refresh_steps(comp.num_steps, self.cache_interval, k) for k, n in enumerate(comp.names)

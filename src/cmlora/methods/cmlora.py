@@ -15,7 +15,15 @@ from __future__ import annotations
 
 from ..errors import OptionError
 from ..plans import StepPlan, UNetCall, decayed_w, mix_weights, refresh_steps
-from .base import Composition, Method, StepState, check_float, check_int, check_text_encoder
+from .base import (
+    Composition,
+    Method,
+    StepState,
+    cache_point_option,
+    check_float,
+    check_int,
+    check_text_encoder,
+)
 
 VARIANTS = ("offline", "online", "async", "reference")
 PUBLISHED_PHASE_FRACTION = 120 / 220
@@ -89,8 +97,8 @@ class CMLoRA(Method):
         phase_fraction: float = PUBLISHED_PHASE_FRACTION,
         threshold: float = 0.40,
         async_interval: int | None = None,
-        cache_layer: int = 0,
-        cache_block: int = 1,
+        cache_layer: int | None = None,
+        cache_block: int | None = None,
         text_encoder: str = "all",
         order: list[str] | None = None,
         high: list[str] | None = None,
@@ -120,10 +128,6 @@ class CMLoRA(Method):
             1,
             10_000,
         )
-        self.cache_point = (
-            check_int("cache_layer", cache_layer, 0, 8),
-            check_int("cache_block", cache_block, 0, 8),
-        )
         self.text_encoder = check_text_encoder(text_encoder)
         self.high, self.low = resolve_partition(comp, order, high, low, scores)
         self.order = self.high + self.low
@@ -144,6 +148,7 @@ class CMLoRA(Method):
             for k, name in enumerate(self.order)
         }
         self.uses_cache = self.variant == "reference" or any(v > 1 for v in self.intervals.values())
+        self.cache_point = cache_point_option(self.name, self.uses_cache, cache_layer, cache_block)
         self.needs_high_frequency = variant == "online"
         self._late_from_slot: int | None = None
         self._last_dominant: str | None = None

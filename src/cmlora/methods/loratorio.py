@@ -14,7 +14,15 @@ from __future__ import annotations
 from ..errors import OptionError
 from ..patch_mix import UNCOND_POLICIES, PatchMix
 from ..plans import StepPlan, UNetCall, refresh_steps
-from .base import Composition, Method, StepState, check_float, check_int, check_text_encoder
+from .base import (
+    Composition,
+    Method,
+    StepState,
+    cache_point_option,
+    check_float,
+    check_int,
+    check_text_encoder,
+)
 
 BASE_KEY = "base"
 
@@ -32,8 +40,8 @@ class LoRAtorio(Method):
         uncond: str = "base",
         text_encoder: str = "all",
         cache_interval: int = 1,
-        cache_layer: int = 0,
-        cache_block: int = 1,
+        cache_layer: int | None = None,
+        cache_block: int | None = None,
     ):
         super().__init__(comp)
         if BASE_KEY in comp.names:
@@ -50,11 +58,8 @@ class LoRAtorio(Method):
         )
         self.text_encoder = check_text_encoder(text_encoder)
         self.cache_interval = check_int("cache_interval", cache_interval, 1, 10_000)
-        self.cache_point = (
-            check_int("cache_layer", cache_layer, 0, 8),
-            check_int("cache_block", cache_block, 0, 8),
-        )
         self.uses_cache = self.cache_interval > 1
+        self.cache_point = cache_point_option(self.name, self.uses_cache, cache_layer, cache_block)
         keys = [BASE_KEY, *comp.names]
         self.refresh = {
             key: refresh_steps(comp.num_steps, self.cache_interval, k) for k, key in enumerate(keys)

@@ -19,3 +19,12 @@ class LoRAFileError(CmloraError, ValueError):
 
 class OptionError(CmloraError, ValueError):
     """A method option or a generation setting is out of range."""
+
+
+class PathError(CmloraError, ValueError):
+    """A file or folder the user named is not usable as such: missing, a directory where a file is
+    read, a pipe or a device, an output folder that cannot be written. Names the path and what to do."""
+
+
+class RecordError(CmloraError, ValueError):
+    """An image's record cannot be read (no record chunk, not JSON, not a record); names the file."""

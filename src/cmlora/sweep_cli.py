@@ -15,6 +15,7 @@ from pathlib import Path
 from . import mini
 from .errors import OptionError
 from .methods import reads_profile, split_label
+from .paths import check_output_dir
 
 # Published generation settings (COMPOSLORA.md). "zhong": Zhong et al. 2024; "cmlora": CMLoRA's code.
 PRESETS: dict[str, dict[str, dict]] = {
@@ -210,7 +211,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         dtype = PUBLISHED_DTYPE  # the papers ran fp32; auto would pick fp16 on CUDA
     if args.size:
         defaults["width"], defaults["height"] = args.size
-    labels = [m.strip() for m in args.methods.split(",") if m.strip()]
+    labels = method_labels(args.methods)
     methods = {label: split_label(label) for label in labels}
     options = {label: _method_options(args, method, strict=False) for label, (method, _) in methods.items()}
     if args.seeds < 1:
@@ -226,10 +227,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _, world_size, local_rank = distributed_env()
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = process_device(args.device, local_rank, world_size, cuda_count)
-    base = load_base(args.base, device, dtype, args.config)
+    check_output_dir(args.out)  # before the model loads: an unwritable run folder must not cost a load
+    base = load_base(args.base, device, dtype, args.config, allow_pickle=args.allow_pickle)
     if base.note:
         print(base.note, file=sys.stderr)
-    apply_pipeline_settings(base.pipe, defaults.get("scheduler"), defaults.get("vae"))
+    apply_pipeline_settings(
+        base.pipe, defaults.get("scheduler"), defaults.get("vae"), allow_pickle=args.allow_pickle
+    )
     settings = {
         "testbed": args.testbed,
         "style": comps[0].style if comps else args.style,
@@ -282,6 +286,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def method_labels(text: str) -> list[str]:
+    """The --methods list: at least one label, each once. An empty list ran a sweep of 0 images
+    and reported success; a repeated label would make the same images twice."""
+    labels = [m.strip() for m in text.split(",") if m.strip()]
+    if not labels:
+        raise OptionError(f"--methods {text!r} names no method; give labels such as {DEFAULT_METHODS}")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise OptionError(f"--methods {text!r} repeats {', '.join(repeated)}; give each method once")
+    return labels
+
+
 def process_device(device: str, local_rank: int, world_size: int, cuda_count: int) -> str:
     """The device of this process: under a launcher, ``auto`` and a bare ``cuda`` mean the GPU of
     its local rank (so each process gets its own), wrapping round when there are more processes
@@ -293,11 +309,12 @@ def process_device(device: str, local_rank: int, world_size: int, cuda_count: in
     return device
 
 
-def apply_pipeline_settings(pipe, scheduler: str | None, vae: str | None) -> None:
+def apply_pipeline_settings(pipe, scheduler: str | None, vae: str | None, allow_pickle: bool = False) -> None:
     """Put the published scheduler and VAE into ``pipe`` (None leaves that part as loaded).
 
     Like the published code, the scheduler is DPMSolverMultistepScheduler built from the base's own
     scheduler config with ``algorithm_type`` set, so betas and timestep spacing stay the checkpoint's.
+    A VAE with pickled (``.bin``) weights only is refused unless ``allow_pickle``, like the base.
     """
     if scheduler is not None:
         from diffusers import DPMSolverMultistepScheduler
@@ -310,12 +327,14 @@ def apply_pipeline_settings(pipe, scheduler: str | None, vae: str | None) -> Non
         from diffusers import AutoencoderKL
 
         current = pipe.vae
+        kwargs = {} if allow_pickle else {"use_safetensors": True}
         try:
-            loaded = AutoencoderKL.from_pretrained(vae, torch_dtype=current.dtype)
+            loaded = AutoencoderKL.from_pretrained(vae, torch_dtype=current.dtype, **kwargs)
         except (OSError, ValueError) as exc:
+            hint = "" if allow_pickle else " (a VAE with .bin weights only needs --allow-pickle)"
             raise OptionError(
                 f"cannot load the VAE {vae!r} ({type(exc).__name__}: {exc}); pass a local diffusers VAE "
-                "folder with --vae, or --vae none to keep the base model's own"
+                f"folder with --vae, or --vae none to keep the base model's own{hint}"
             ) from exc
         pipe.vae = loaded.to(current.device).eval()
 

@@ -11,7 +11,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .runs import CONCEPTS_FILENAME, JsonlAppender, eval_dir, read_jsonl, read_manifest, resolve_image
+from ..paths import check_regular_file
+from .runs import (
+    CONCEPTS_FILENAME,
+    JsonlAppender,
+    ManifestError,
+    eval_dir,
+    read_jsonl,
+    read_manifest,
+    resolve_image,
+)
 
 
 def concept_recall(expected: dict[str, str], detected: dict[str, str | None]) -> tuple[float, bool]:
@@ -38,7 +47,9 @@ def score_run(run_dir: str | os.PathLike[str], batch_size: int = 256, progress: 
             chunk = todo[start : start + batch_size]
             images = []
             for entry in chunk:
-                with Image.open(resolve_image(run_dir, entry.image)) as image:
+                image_path = resolve_image(run_dir, entry.image)
+                check_regular_file(image_path, lambda problem, p=image_path: ManifestError(f"{p}: {problem}"))
+                with Image.open(image_path) as image:
                     images.append(image.convert("RGB"))
             for entry, detected in zip(chunk, detect(images), strict=True):
                 expected = {lora.category: lora.name for lora in entry.loras}

@@ -42,6 +42,7 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..paths import check_regular_file
 from .runs import (
     JUDGE_FILENAME,
     JsonlAppender,
@@ -314,6 +315,7 @@ def build_prompt(entry: ManifestEntry) -> str:
 
 
 def _png_bytes(path: Path) -> bytes:
+    check_regular_file(path, lambda problem: ManifestError(f"{path}: {problem}"))
     data = path.read_bytes()
     if data.startswith(PNG_SIGNATURE):
         return data

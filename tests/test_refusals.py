@@ -211,6 +211,59 @@ def test_sweep_refuses_an_empty_or_repeated_method_list(tmp_path, capsys, no_mod
     assert not (tmp_path / "run").exists()
 
 
+def test_generate_and_profile_judge_lora_files_before_loading(tmp_path, capsys, no_model):
+    """A LoRA file that its header (or its kind, or its extension) already condemns is refused
+    before the model loads, by generate and by profile."""
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    (tmp_path / "old.ckpt").write_bytes(b"")
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    cases = [(garbage, "not valid JSON"), (tmp_path / "old.ckpt", "--allow-pickle")]
+    cases += [(tmp_path / "fifo.safetensors", "named pipe")]
+    before = listing(tmp_path)
+    for path, fragment in cases:
+        for command in ("generate", "profile"):
+            argv = [command, "--base", "tiny-sd15", "--lora", f"{path}:0.5", "--out", str(tmp_path / "o")]
+            refused(argv, capsys, str(path), fragment)
+    assert listing(tmp_path) == before
+
+
+def sweep_argv(tmp_path: Path) -> list[str]:
+    """A sweep over a two-LoRA info file whose LoRA files exist (their contents are read only after
+    the model loads, which these tests never reach)."""
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    info = {}
+    for category in ("character", "background"):
+        info[category] = [{"id": f"{category}_1", "name": category, "trigger": [category], "url": ""}]
+        (loras / f"{category}_1.safetensors").write_bytes(b"")
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    return [
+        "sweep",
+        "--testbed",
+        "composlora",
+        "--info",
+        str(tmp_path / "info.json"),
+        "--lora-dir",
+        str(loras),
+    ]
+
+
+def test_named_input_files_are_checked_before_loading(tmp_path, capsys, no_model):
+    """A missing --profile, or a --lora-dir without the testbed's files, is refused before the model
+    loads and before the run folder is started."""
+    fifo = tmp_path / "profile.json"
+    os.mkfifo(fifo)
+    gen = ["generate", "--base", "tiny-sd15", "--prompt", "x", "--out", str(tmp_path / "o"), "--quiet"]
+    refused([*gen, "--profile", str(tmp_path / "none.json")], capsys, "none.json", "cmlora profile")
+    refused([*gen, "--profile", str(fifo)], capsys, "profile.json", "named pipe")
+    sweep = [*sweep_argv(tmp_path), "--n", "2", "--base", "tiny-sd15", "--out", str(tmp_path / "run")]
+    before = listing(tmp_path)
+    refused([*sweep, "--lora-dir", str(tmp_path / "nowhere")], capsys, "nowhere", "no such file")
+    refused([*sweep, "--profile", str(fifo)], capsys, "named pipe")
+    assert listing(tmp_path) == before
+
+
 # --------------------------------------------------------------------------- output folders
 
 
@@ -235,10 +288,10 @@ def test_generate_checks_the_output_folder_before_loading_a_model(tmp_path, caps
 
 def test_sweep_checks_the_output_folder_before_loading_a_model(tmp_path, capsys, no_model):
     outs = _unwritable_outs(tmp_path)
+    argv = [*sweep_argv(tmp_path), "--n", "2", "--base", "tiny-sd15", "--quiet"]
     before = listing(tmp_path)
     for out, fragment in outs:
-        argv = ["sweep", "--testbed", "composlora", "--lora-dir", str(tmp_path), "--base", "tiny-sd15"]
-        refused([*argv, "--out", str(out), "--quiet"], capsys, str(out), fragment)
+        refused([*argv, "--out", str(out)], capsys, str(out), fragment)
     assert listing(tmp_path) == before
 
 

@@ -176,6 +176,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from .compiled import check_backend
 
         check_backend(args.compile)
+    if args.profile is not None:
+        from .profiles import ProfileFile
+
+        ProfileFile.load(args.profile)  # a missing or broken profile is refused before the model loads
+    _check_lora_files(args)
     check_output_dir(args.out)  # before the model loads: an unwritable --out must not cost an image
     base = load_base(args.base, args.device, args.dtype, args.config, allow_pickle=args.allow_pickle)
     if base.note:
@@ -253,6 +258,29 @@ def _next_index(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+def _check_lora_files(args: argparse.Namespace) -> None:
+    """Judge the --lora files before the model loads, from what ``read_lora_file`` can tell without
+    reading a tensor: a regular file, a known extension, no pickle without --allow-pickle, a sound
+    safetensors header (layout, keys, pairs; allowed pickles are loaded later, once). A name
+    that is no file may be a mini-world id, known only once the mini model is loaded, so it is
+    left to ``_resolve_loras`` with that base."""
+    import os
+
+    from .errors import LoRAFileError
+    from .loras import PICKLE_SUFFIXES, read_lora_file
+    from .paths import check_regular_file
+
+    ids_possible = args.base in (None, "mini")
+    for spec in args.lora:
+        file = _parse_lora(spec)[0]
+        if ids_possible and not os.path.lexists(file):
+            continue
+        if args.allow_pickle and Path(file).suffix.lower() in PICKLE_SUFFIXES:
+            check_regular_file(file, lambda problem, f=file: LoRAFileError(f, problem))
+        else:  # a pickle without --allow-pickle, an unknown extension: refused without reading
+            read_lora_file(file, allow_pickle=False, tensors=False)
+
+
 def _resolve_loras(specs: list[str], base, out: Path) -> list:
     from .loras import LoRA
 
@@ -323,6 +351,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .models import load_base
     from .profiling import profile_loras
 
+    _check_lora_files(args)
     check_output_file(args.out)
     base = load_base(args.base, args.device, args.dtype, args.config, allow_pickle=args.allow_pickle)
     if base.note:

@@ -35,7 +35,8 @@ _SAFETENSORS_DTYPES = {
     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }  # fmt: skip
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+"""Python pickles: loading one can run arbitrary code, so each needs an explicit allow_pickle."""
 _LYCORIS_MARKERS = ("hada_w", "lokr_w", "oft_", "lora_mid", ".on_input", "lokr_t")
 # LyCORIS full-difference keys end so; as a substring ".diff" would also match every key of a full
 # checkpoint (``model.diffusion_model.*``) and call it LyCORIS
@@ -249,7 +250,7 @@ def read_lora_file(path: str | Path, allow_pickle: bool = False, tensors: bool =
     path = Path(path)
     check_regular_file(path, lambda problem: LoRAFileError(path, problem))
     suffix = path.suffix.lower()
-    if suffix in _PICKLE_SUFFIXES:
+    if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise LoRAFileError(
                 path,

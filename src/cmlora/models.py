@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import CmloraError, OptionError
+from .loras import PICKLE_SUFFIXES
 from .paths import check_regular_file
 
 BUILTIN = ("mini", "tiny-sd15", "tiny-sdxl")
@@ -199,9 +200,6 @@ def _pipeline_class(name: str):
     return classes[name]
 
 
-PICKLE_WEIGHT_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-
-
 def refuse_pickled_weights(folder: Path, components: list[str]) -> None:
     """Refuse a diffusers folder where a component that will be loaded has pickled weights
     (``.bin``...) and no safetensors beside them: diffusers would unpickle them, and a pickle can
@@ -211,7 +209,7 @@ def refuse_pickled_weights(folder: Path, components: list[str]) -> None:
         if not sub.is_dir():
             continue
         files = [p for p in sub.iterdir() if p.is_file()]
-        pickles = sorted(p for p in files if p.suffix.lower() in PICKLE_WEIGHT_SUFFIXES)
+        pickles = sorted(p for p in files if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles and not any(p.suffix.lower() == ".safetensors" for p in files):
             raise OptionError(
                 f"--base {folder}: {pickles[0]} is a pickle, which can run arbitrary code when loaded; "
@@ -246,12 +244,8 @@ def _from_folder(path: Path, dtype: torch.dtype, allow_pickle: bool = False):
     try:
         return cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **kwargs)
     except OSError as exc:
-        if allow_pickle:
-            raise
-        raise OptionError(
-            f"--base {path}: {' '.join(str(exc).split())}; safetensors weights are required unless you pass "
-            "--allow-pickle"
-        ) from None
+        hint = "" if allow_pickle else "; safetensors weights are required unless you pass --allow-pickle"
+        raise OptionError(f"--base {path}: {' '.join(str(exc).split())}{hint}") from None
 
 
 def _from_single_file(path: Path, dtype: torch.dtype, config: str | None):

@@ -107,28 +107,44 @@ def check_output_dir(path: str | os.PathLike[str], flag: str = "--out", label: s
             f"{label}: lies under {ancestor}, which is {'a file' if ancestor.is_file() else 'not a folder'}; "
             "give a folder path"
         )
+    for attempt in range(3):
+        try:
+            _probe_write(p, missing)
+            return p
+        except FileNotFoundError:
+            # another process (a rank of the same sweep) removed a folder it created for its own probe
+            if attempt == 2:
+                raise PathError(f"{label}: its folders keep disappearing; choose another folder") from None
+        except OSError as exc:
+            raise PathError(
+                f"{label}: cannot write there ({exc.strerror or exc}); choose a folder you can write to"
+            ) from None
+    return p
+
+
+def _probe_write(folder: Path, missing: list[Path]) -> None:
+    """Create the ``missing`` folders, write and remove a probe file in ``folder``, and remove the
+    folders this call created (one that another process made meanwhile is not ours to remove)."""
     created: list[Path] = []
     try:
-        for folder in reversed(missing):
-            folder.mkdir()
-            created.append(folder)
-        fd, probe = tempfile.mkstemp(prefix=".cmlora-write-probe-", dir=p)
+        for step in reversed(missing):
+            try:
+                step.mkdir()
+                created.append(step)
+            except FileExistsError:
+                pass
+        fd, probe = tempfile.mkstemp(prefix=".cmlora-write-probe-", dir=folder)
         try:
             os.write(fd, b"cmlora")
         finally:
             os.close(fd)
             os.unlink(probe)
-    except OSError as exc:
-        raise PathError(
-            f"{label}: cannot write there ({exc.strerror or exc}); choose a folder you can write to"
-        ) from None
     finally:
-        for folder in reversed(created):
+        for step in reversed(created):
             try:
-                folder.rmdir()
+                step.rmdir()
             except OSError:
                 pass
-    return p
 
 
 def check_output_file(path: str | os.PathLike[str], flag: str = "--out") -> Path:

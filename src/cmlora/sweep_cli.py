@@ -197,7 +197,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .cli import _method_options
     from .models import load_base
     from .testbed.compositions import image_seed
-    from .testbed.info import lora_file
     from .testbed.sweep import SweepJob, distributed_env, run_sweep
 
     comps, defaults = _testbed(args)
@@ -227,6 +226,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _, world_size, local_rank = distributed_env()
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = process_device(args.device, local_rank, world_size, cuda_count)
+    if args.testbed != "mini":
+        check_lora_files(comps, lora_path_of(args))
+    if args.profile is not None:
+        from .profiles import ProfileFile
+
+        ProfileFile.load(args.profile)  # a missing or broken profile is refused before the model loads
     check_output_dir(args.out)  # before the model loads: an unwritable run folder must not cost a load
     base = load_base(args.base, device, dtype, args.config, allow_pickle=args.allow_pickle)
     if base.note:
@@ -248,24 +253,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "profile": args.profile,
         **defaults,
     }
-    if args.testbed == "mini":
-
-        def lora_path(entry):
-            return Path(base.lora_ids[entry.id]["file"])
-    elif args.info:
-
-        def lora_path(entry):
-            return Path(args.lora_dir) / f"{entry.id}.safetensors"
-    else:
-
-        def lora_path(entry):
-            return lora_file(args.lora_dir, args.style, entry)
-
     generate = CompositionGenerator(
         base,
         methods,
         defaults,
-        lora_path,
+        lora_path_of(args, base),
         profile=args.profile,
         allow_partial=args.allow_partial,
         allow_pickle=args.allow_pickle,
@@ -284,6 +276,34 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         generate.close()
     print(f"{summary.done}/{summary.total} images in {args.out} (manifest.jsonl, images/, sheets/)")
     return 0
+
+
+def lora_path_of(args: argparse.Namespace, base=None):
+    """Where the LoRA file of a testbed entry is: the mini model's own (needs the loaded ``base``),
+    ``--lora-dir/<id>.safetensors`` with ``--info``, or the ComposLoRA layout."""
+    from .testbed.info import lora_file
+
+    if args.testbed == "mini":
+        return lambda entry: Path(base.lora_ids[entry.id]["file"])
+    if args.info:
+        return lambda entry: Path(args.lora_dir) / f"{entry.id}.safetensors"
+    return lambda entry: lora_file(args.lora_dir, args.style, entry)
+
+
+def check_lora_files(comps, lora_path) -> None:
+    """Every LoRA file of the sweep must be a regular file before the model loads and the run
+    folder is started: a wrong --lora-dir used to be found at the first composition, after the
+    load, leaving a fresh run folder behind."""
+    from .errors import LoRAFileError
+    from .paths import check_regular_file
+
+    seen: set[Path] = set()
+    for comp in comps:
+        for entry in comp.loras:
+            path = Path(lora_path(entry))
+            if path not in seen:
+                seen.add(path)
+                check_regular_file(path, lambda problem, p=path: LoRAFileError(p, problem))
 
 
 def method_labels(text: str) -> list[str]:

@@ -111,6 +111,27 @@ def test_manifest_that_is_a_pipe_is_named(tmp_path):
         read_manifest(tmp_path)
 
 
+def test_run_folder_images_that_are_pipes_are_named(tmp_path):
+    """CLIPScore and the judge read a run folder's images: a pipe there is named, never opened."""
+    from cmlora.evaluate.clipscore import clip_score_run
+    from cmlora.evaluate.judge import _png_bytes
+
+    (tmp_path / "images").mkdir()
+    os.mkfifo(tmp_path / "images" / "a.png")
+    line = {"image": "images/a.png", "job_id": "a", "composition_id": "c", "n": 1, "method": "merge"}
+    line |= {"seed": 0, "seed_index": 0, "loras": [{"name": "x", "category": "character", "triggers": []}]}
+    (tmp_path / "manifest.jsonl").write_text(json.dumps(line) + "\n")
+
+    class NoScorer:
+        def score(self, *args):
+            raise AssertionError("an image was scored")
+
+    with deadline(), pytest.raises(CmloraError, match="named pipe"):
+        clip_score_run(tmp_path, "clip", progress=False, scorer=NoScorer())
+    with deadline(), pytest.raises(CmloraError, match="named pipe"):
+        _png_bytes(tmp_path / "images" / "a.png")
+
+
 # --------------------------------------------------------------------------- cmlora fft
 
 

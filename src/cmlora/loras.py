@@ -27,8 +27,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_TENSOR_DIM = 1 << 20
 MAX_RANK = 4096
 MAX_LORA_BYTES = 4 << 30
-"""Tensor data one LoRA file may hold: generous for plain LoRAs of SD-1.5/2.x/SDXL (a rank-128
-SDXL LoRA in fp16 is under 1 GB), and the bound on the memory that reading one file can take."""
+"""Tensor data one LoRA file may hold: generous for plain LoRAs of SD-1.5/2.x/SDXL (commonly tens
+to hundreds of MB), and the bound on the memory that reading one file can take."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _SAFETENSORS_DTYPES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,

@@ -404,3 +404,259 @@ def test_user_peft_adapters_stay_and_apply(tmp_path):
     assert np.array_equal(_img(pipe, [ours]), both)
     assert_same_state(before, pipeline_state(pipe))
     assert pipe.get_active_adapters() == ["user"]
+
+
+# --------------------------------------------------------------------------- untrusted headers
+
+_DOWN, _UP = "lora_unet_conv_in.lora_down.weight", "lora_unet_conv_in.lora_up.weight"
+
+
+def _valid_header() -> dict:
+    """A well-formed two-tensor header (64 data bytes) that each case below breaks in one place."""
+    return {
+        _DOWN: {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]},
+        _UP: {"dtype": "F32", "shape": [4, 2], "data_offsets": [32, 64]},
+    }
+
+
+def _mutated(key: str, field: str, value) -> dict:
+    header = _valid_header()
+    header[key][field] = value
+    return header
+
+
+# (case, header or raw bytes after the 8-byte length, data bytes, key the message must name or None)
+_MUTATED_HEADERS = [
+    ("dtype list", _mutated(_DOWN, "dtype", ["F32"]), 64, _DOWN),
+    ("dtype object", _mutated(_DOWN, "dtype", {"F32": 4}), 64, _DOWN),
+    ("dtype number", _mutated(_DOWN, "dtype", 4), 64, _DOWN),
+    ("dtype null", _mutated(_UP, "dtype", None), 64, _UP),
+    ("shape object", _mutated(_DOWN, "shape", {"0": 2}), 64, _DOWN),
+    ("shape string", _mutated(_DOWN, "shape", "2,4"), 64, _DOWN),
+    ("shape floats", _mutated(_DOWN, "shape", [2.0, 4.0]), 64, _DOWN),
+    ("shape negative", _mutated(_DOWN, "shape", [-2, -4]), 64, _DOWN),
+    ("shape nested", _mutated(_DOWN, "shape", [[2], [4]]), 64, _DOWN),
+    ("shape booleans", _mutated(_DOWN, "shape", [True, 4]), 64, _DOWN),
+    ("shape NaN", _mutated(_DOWN, "shape", [float("nan"), 4]), 64, _DOWN),
+    ("offsets object", _mutated(_DOWN, "data_offsets", {"start": 0}), 64, _DOWN),
+    ("offsets negative", _mutated(_DOWN, "data_offsets", [-32, 0]), 64, _DOWN),
+    ("offsets reversed", _mutated(_UP, "data_offsets", [64, 32]), 64, _UP),
+    ("offsets three", _mutated(_DOWN, "data_offsets", [0, 16, 32]), 64, _DOWN),
+    ("offsets strings", _mutated(_DOWN, "data_offsets", ["0", "32"]), 64, _DOWN),
+    ("offsets overlap", _mutated(_UP, "data_offsets", [16, 48]), 64, _UP),
+    ("offsets gap", _mutated(_UP, "data_offsets", [40, 72]), 72, _UP),
+    ("offsets past the end", _mutated(_UP, "data_offsets", [32, 64]), 48, _UP),
+    ("bytes after the last tensor", _valid_header(), 80, None),
+    ("entry is a list", {**_valid_header(), _UP: [1, 2]}, 64, _UP),
+    ("entry with an extra field", _mutated(_DOWN, "extra", 1), 64, _DOWN),
+    ("entry missing a field", {**_valid_header(), _UP: {"dtype": "F32", "shape": [4, 2]}}, 64, _UP),
+    ("metadata a list", {**_valid_header(), "__metadata__": ["a"]}, 64, "__metadata__"),
+    ("metadata non-string", {**_valid_header(), "__metadata__": {"a": 1}}, 64, "__metadata__"),
+    ("header a list", b"[1, 2, 3]", 0, None),
+    ("header a string", b'"lora"', 0, None),
+    ("header null", b"null", 0, None),
+    ("header not UTF-8", b'{"\xff\xfe": 1}', 0, None),
+    ("header 5000-digit integer", b'{"a": {"shape": [' + b"9" * 5000 + b"]}}", 0, None),
+    ("header deeply nested", b"[" * 100_000 + b"]" * 100_000, 0, None),
+    ("header empty", b"", 0, None),
+]
+
+
+@pytest.mark.parametrize("case,header,data,key", _MUTATED_HEADERS, ids=[c[0] for c in _MUTATED_HEADERS])
+def test_mutated_headers_are_lora_file_errors(tmp_path, case, header, data, key):
+    """Every malformed header value (wrong JSON type, negative/overlapping/gapped offsets, offsets
+    past the end, non-UTF-8, non-object JSON) is the project's own error, naming the key at fault:
+    never a TypeError, KeyError or ValueError of another kind."""
+    path = tmp_path / "m.safetensors"
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data)
+    for reader in (check_safetensors_header, read_lora_file):
+        with pytest.raises(LoRAFileError) as info:
+            reader(path)
+        assert type(info.value) is LoRAFileError
+        assert str(path) in str(info.value)
+        if key is not None:
+            assert repr(key) in str(info.value), (case, str(info.value))
+
+
+def test_header_claiming_more_than_the_file_is_refused(tmp_path):
+    path = tmp_path / "long.safetensors"
+    raw = json.dumps(_valid_header()).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) + 1000) + raw + b"\0" * 64)
+    with pytest.raises(LoRAFileError, match="header claims"):
+        read_lora_file(path)
+
+
+_ANY_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.text(max_size=4)
+    | st.sampled_from(["F32", "F16", "BF16", "I8", "BOOL"]),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=3), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(
+    key=st.sampled_from([_DOWN, _UP]),
+    field=st.sampled_from(["dtype", "shape", "data_offsets"]),
+    value=_ANY_JSON,
+    data=st.sampled_from([0, 48, 64, 80]),
+)
+def test_header_values_of_any_json_type_only_raise_lora_file_errors(key, field, value, data):
+    """Fuzz (deterministic): any JSON value in any field of a tensor entry ends as LoRAFileError."""
+    import tempfile
+    from pathlib import Path
+
+    raw = json.dumps(_mutated(key, field, value)).encode()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "f.safetensors"
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data)
+        try:
+            read_lora_file(path)
+        except LoRAFileError:
+            pass
+
+
+# --------------------------------------------------------------------------- sparse files: judged by the header
+
+
+def _sparse_lora(path, entries: dict[str, tuple[str, list[int]]]) -> int:
+    """A file whose header claims ``entries`` (key: dtype, shape), the data a hole of that size."""
+    sizes = {"F32": 4, "F16": 2}
+    header, offset = {}, 0
+    for key, (dtype, shape) in entries.items():
+        size = math.prod(shape) * sizes[dtype]
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+        handle.truncate(8 + len(raw) + offset)  # sparse: no disk, no time
+    return offset
+
+
+_SPARSE_CHECK = """
+import resource, sys, time
+from cmlora.errors import LoRAFileError
+from cmlora.loras import read_lora_file
+
+for path in sys.argv[1:]:
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    try:
+        read_lora_file(path)
+        outcome = "read"
+    except LoRAFileError as exc:
+        outcome = "refused: " + str(exc).replace(chr(10), " ")
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    print(f"{time.perf_counter() - start:.3f} {grown} {outcome}")
+"""
+
+
+def test_sparse_multi_gib_files_are_refused_from_the_header(tmp_path):
+    """Files claiming gigabytes are judged by their header alone, before any tensor byte is read:
+    keys that are no LoRA, ranks that cannot pair, more data than a LoRA may hold. Each refusal
+    takes well under 2 s and grows the peak RSS of a fresh process by less than 500 MB."""
+    import subprocess
+    import sys
+
+    gib = 2**30
+    cases = {
+        "not_a_lora": ({"model.diffusion_model.x.weight": ("F32", [786432, 1024])}, "no LoRA weights"),
+        "ranks": (
+            {
+                "lora_unet_conv_in.lora_down.weight": ("F32", [4096, 196608]),
+                "lora_unet_conv_in.lora_up.weight": ("F32", [320, 8]),
+            },
+            "ranks do not match",
+        ),
+        "too_big": (
+            {
+                "lora_unet_conv_in.lora_down.weight": ("F16", [4096, 2**19]),
+                "lora_unet_conv_in.lora_up.weight": ("F16", [320, 4096]),
+            },
+            "bytes of tensor data",
+        ),
+    }
+    paths = []
+    for name, (entries, _) in cases.items():
+        paths.append(tmp_path / f"{name}.safetensors")
+        assert _sparse_lora(paths[-1], entries) >= 3 * gib
+    done = subprocess.run(
+        [sys.executable, "-c", _SPARSE_CHECK, *map(str, paths)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == len(cases)
+    for line, (_, fragment) in zip(lines, cases.values(), strict=True):
+        seconds, grown, outcome = line.split(" ", 2)
+        assert outcome.startswith("refused") and fragment in outcome, line
+        assert float(seconds) < 2.0 and int(grown) < 500 * 2**20, line
+
+
+def test_composer_resolves_before_reading_any_tensor(sd15, tmp_path):
+    """A multi-GiB file whose header is a plausible LoRA but does not fit the pipeline is refused by
+    ``Composer`` from shapes alone: nothing of its 3 GiB is read."""
+    import resource
+    import time
+
+    path = tmp_path / "wide.safetensors"
+    _sparse_lora(
+        path,
+        {
+            "lora_unet_conv_in.lora_down.weight": ("F32", [4096, 196608]),
+            "lora_unet_conv_in.lora_up.weight": ("F32", [320, 4096]),
+        },
+    )
+    before = pipeline_state(sd15)
+    peak, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    with pytest.raises(LoRAFileError, match="another base model"):
+        Composer(sd15, [LoRA(path)])
+    assert time.perf_counter() - start < 2.0
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) * 1024 < 500 * 2**20
+    assert_same_state(before, pipeline_state(sd15))
+
+
+def test_special_files_say_what_they_are(tmp_path):
+    """A symlink to /dev/zero, a FIFO, a directory named x.safetensors: each is named for what it is,
+    and none is opened (a FIFO would block this test forever, /dev/zero never end)."""
+    import os
+
+    (tmp_path / "zero.safetensors").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    (tmp_path / "dir.safetensors").mkdir()
+    (tmp_path / "broken.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    expected = {
+        "zero": "character device",
+        "fifo": "named pipe",
+        "dir": "directory",
+        "broken": "does not exist",
+    }
+    for name, kind in expected.items():
+        path = tmp_path / f"{name}.safetensors"
+        for reader in (read_lora_file, check_safetensors_header):
+            with pytest.raises(LoRAFileError, match=kind) as info:
+                reader(path)
+            assert "no such file" not in str(info.value)
+
+
+def test_allow_partial_never_reads_the_pairs_that_land_nowhere(sd15, tmp_path):
+    """Only the pairs that resolve are read: an unmatched pair full of NaN (refused when read) is
+    skipped with allow_partial, and the composition equals the file without it."""
+    good = random_lora_state_dict(sd15, rank=2, seed=0, text_encoder=False)
+    save_file(good, str(tmp_path / "good.safetensors"))
+    extra = {
+        "lora_unet_no_such_layer.lora_down.weight": torch.full((2, 4), float("nan")),
+        "lora_unet_no_such_layer.lora_up.weight": torch.full((4, 2), float("nan")),
+    }
+    save_file({**good, **extra}, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(LoRAFileError, match="NaN"):
+        read_lora_file(tmp_path / "partial.safetensors")
+    with pytest.warns(UserWarning, match="no_such_layer"):
+        image = _img(sd15, [tmp_path / "partial.safetensors"], allow_partial=True)
+    assert np.array_equal(image, _img(sd15, [tmp_path / "good.safetensors"]))

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from .adapters import AdapterSet, installed_in
-from .compiled import compile_blocks, composing, uncompile_blocks
+from .compiled import check_backend, compile_blocks, composing, uncompile_blocks
 from .errors import OptionError
-from .loras import MAX_STRENGTH, LoRA, LoRAFile, read_lora_file, resolve
+from .loras import MAX_STRENGTH, LoRA, LoRAFile, load_lora_tensors, read_lora_file, resolve
 from .macs import MacCounter
 from .methods import Composition, Method, build_method, default_variant, method_label, reads_profile
 from .plans import StepPlan
@@ -62,8 +62,14 @@ class Composer:
             )
         self.pipe = pipe
         self.loras = _check_loras(loras)
-        files: list[LoRAFile] = [read_lora_file(lora.path, allow_pickle=allow_pickle) for lora in self.loras]
+        # every file judged from its header and resolved against the pipeline (shapes only) before
+        # any tensor is read; then only the pairs that land are read
+        files: list[LoRAFile] = [
+            read_lora_file(lora.path, allow_pickle=allow_pickle, tensors=False) for lora in self.loras
+        ]
         resolved = [resolve(f, pipe, allow_partial=allow_partial) for f in files]
+        for lora_file, items in zip(files, resolved, strict=True):
+            load_lora_tensors(lora_file, [item.weights for item in items])
         self.files = {lora.adapter: f for lora, f in zip(self.loras, files, strict=True)}
         self.adapters = AdapterSet(pipe)
         try:
@@ -81,6 +87,7 @@ class Composer:
         """``torch.compile`` the UNet's blocks for this session (``options`` go to torch.compile,
         e.g. ``mode="max-autotune"``); switching LoRAs does not recompile. Undone by ``close()``."""
         if not self.compiled:
+            check_backend(options.get("backend", "inductor"))
             self.adapters.stack()
             compile_blocks(self.pipe.unet, **options)
             self.compiled = True

@@ -6,10 +6,21 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import CmloraError, OptionError
 from .loras import CATEGORIES
 from .methods import METHOD_LABELS, METHOD_VARIANTS, split_label
+from .paths import check_output_dir, check_output_file
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (message, then where to look), like every other
+    refusal of the CLI, instead of the usage block followed by the message. Subcommand parsers
+    inherit the class (argparse makes subparsers of ``type(self)``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # Method options exposed as flags: (flag, option name, type, help)
@@ -21,11 +32,16 @@ def _parse_intervals(text: str) -> dict[str, int]:
         try:
             if not sep or not name.strip():
                 raise ValueError
-            intervals[name.strip()] = int(value)
+            number = int(value)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"intervals must look like char=3,bg=6 (LoRA name = steps), got {text!r}"
             ) from None
+        if name.strip() in intervals:  # keeping the last one would silently drop the first
+            raise argparse.ArgumentTypeError(
+                f"LoRA {name.strip()!r} is given twice in {text!r}; give each LoRA's interval once"
+            )
+        intervals[name.strip()] = number
     return intervals
 
 
@@ -164,7 +180,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         label = f"{label}-{args.variant}"
     method, variant = split_label(label)
     options = _method_options(args, method)
-    base = load_base(args.base, args.device, args.dtype, args.config)
+    if args.num_images < 1:
+        raise OptionError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.compile:
+        from .compiled import check_backend
+
+        check_backend(args.compile)
+    if args.profile is not None:
+        from .profiles import ProfileFile
+
+        ProfileFile.load(args.profile)  # a missing or broken profile is refused before the model loads
+    _check_lora_files(args)
+    check_output_dir(args.out)  # before the model loads: an unwritable --out must not cost an image
+    base = load_base(args.base, args.device, args.dtype, args.config, allow_pickle=args.allow_pickle)
     if base.note:
         print(base.note, file=sys.stderr)
     loras = _resolve_loras(args.lora, base, Path(args.out))
@@ -177,8 +205,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     negative = args.negative_prompt if args.negative_prompt is not None else base.negative_prompt
     width, height = args.size if args.size else (None, None)
     out = Path(args.out)
-    if args.num_images < 1:
-        raise OptionError(f"--num-images must be >= 1, got {args.num_images}")
     profile = base.profile_for(method, variant, [lora.path for lora in loras], options, args.profile)
     with Composer(
         base.pipe, loras, allow_partial=args.allow_partial, allow_pickle=args.allow_pickle
@@ -242,6 +268,29 @@ def _next_index(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+def _check_lora_files(args: argparse.Namespace) -> None:
+    """Judge the --lora files before the model loads, from what ``read_lora_file`` can tell without
+    reading a tensor: a regular file, a known extension, no pickle without --allow-pickle, a sound
+    safetensors header (layout, keys, pairs; allowed pickles are loaded later, once). A name
+    that is no file may be a mini-world id, known only once the mini model is loaded, so it is
+    left to ``_resolve_loras`` with that base."""
+    import os
+
+    from .errors import LoRAFileError
+    from .loras import PICKLE_SUFFIXES, read_lora_file
+    from .paths import check_regular_file
+
+    ids_possible = args.base in (None, "mini")
+    for spec in args.lora:
+        file = _parse_lora(spec)[0]
+        if ids_possible and not os.path.lexists(file):
+            continue
+        if args.allow_pickle and Path(file).suffix.lower() in PICKLE_SUFFIXES:
+            check_regular_file(file, lambda problem, f=file: LoRAFileError(f, problem))
+        else:  # a pickle without --allow-pickle, an unknown extension: refused without reading
+            read_lora_file(file, allow_pickle=False, tensors=False)
+
+
 def _resolve_loras(specs: list[str], base, out: Path) -> list:
     from .loras import LoRA
 
@@ -286,15 +335,10 @@ def _resolve_loras(specs: list[str], base, out: Path) -> list:
 
 
 def cmd_fft(args: argparse.Namespace) -> int:
-    from PIL import Image
+    from .frequency import high_frequency_score, plot_spectra, read_image
 
-    from .frequency import high_frequency_score, plot_spectra
-
-    images = []
-    for path in args.images:
-        with Image.open(path) as image:
-            images.append((Path(path).name, image.convert("RGB")))
-    out = Path(args.out)
+    out = check_output_file(args.out)
+    images = [(Path(path).name, read_image(path)) for path in args.images]
     plot_spectra(images, out)
     for name, image in images:
         print(f"{name}: high-frequency score {high_frequency_score(image):.4f}")
@@ -307,7 +351,7 @@ def cmd_plot_trace(args: argparse.Namespace) -> int:
     from .research import plot_trace
 
     record = read_record(Path(args.record))
-    out = Path(args.out) if args.out else Path(args.record).with_suffix(".trace.png")
+    out = check_output_file(Path(args.out) if args.out else Path(args.record).with_suffix(".trace.png"))
     plot_trace(record, out)
     print(f"wrote {out}")
     return 0
@@ -317,7 +361,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .models import load_base
     from .profiling import profile_loras
 
-    base = load_base(args.base, args.device, args.dtype, args.config)
+    _check_lora_files(args)
+    check_output_file(args.out)
+    base = load_base(args.base, args.device, args.dtype, args.config, allow_pickle=args.allow_pickle)
     if base.note:
         print(base.note, file=sys.stderr)
     loras = _resolve_loras(args.lora, base, Path(args.out).parent)
@@ -351,7 +397,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cmlora",
         description="Training-free multi-LoRA composition (merge, LoRA Switch, LoRA Composite, CMLoRA) on diffusers.",
     )
@@ -387,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--allow-pickle",
             action="store_true",
-            help="allow .ckpt/.pt/.bin LoRA files (pickles can execute code: trusted sources only)",
+            help="allow .ckpt/.pt/.bin LoRA files and --base/--vae models with .bin weights "
+            "(pickles can execute code: trusted sources only)",
         )
         p.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size, multiple of 8")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -527,6 +574,12 @@ def _sigterm_as_interrupt():
     return signal.signal(signal.SIGTERM, handler)
 
 
+def one_line(exc: BaseException) -> str:
+    """An error message on one line: a refusal is one line on stderr, even when it quotes a
+    library's multi-line message."""
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
 
@@ -540,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: finished files are complete; re-run the same command to resume", file=sys.stderr)
         return 130
     except CmloraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:

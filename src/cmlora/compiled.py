@@ -28,6 +28,20 @@ def _blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in unet.modules() if isinstance(m, ResnetBlock2D | Transformer2DModel)]
 
 
+def check_backend(backend: object) -> None:
+    """Refuse a ``torch.compile`` backend name torch does not know, up front: torch only finds
+    out when the first block runs, after the model loaded and mid-way through an image."""
+    if not isinstance(backend, str):
+        return  # a callable backend is the caller's own
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        from .errors import OptionError
+
+        common = sorted({*torch._dynamo.list_backends(), "eager", "aot_eager"})
+        raise OptionError(f"unknown torch.compile backend {backend!r}; use one of {', '.join(common)}")
+
+
 def compile_blocks(unet: torch.nn.Module, **options) -> None:
     """Compile every resnet and transformer block of ``unet`` in place."""
     for block in _blocks(unet):

@@ -23,3 +23,12 @@ class OptionError(CmloraError, ValueError):
 
 class GenerationError(CmloraError, RuntimeError):
     """A generation ran but its result is not an image (non-finite or saturated): it is never saved."""
+
+
+class PathError(CmloraError, ValueError):
+    """A file or folder the user named is not usable as such: missing, a directory where a file is
+    read, a pipe or a device, an output folder that cannot be written. Names the path and what to do."""
+
+
+class RecordError(CmloraError, ValueError):
+    """An image's record cannot be read (no record chunk, not JSON, not a record); names the file."""

@@ -400,3 +400,32 @@ def plot_radial_profiles(
         _finish_figure(fig, out_png)
     finally:
         plt.close(fig)
+
+
+def read_image(path: str | PathLike[str]) -> Image.Image:
+    """An image file a user named, decoded to RGB, or a PathError naming it.
+
+    The file must be a regular file (a pipe would block, a device never ends), and PIL's
+    decompression-bomb guard is made strict: past ``Image.MAX_IMAGE_PIXELS`` PIL only warns,
+    then decodes hundreds of megabytes, so the warning is an error here too. Any decoding failure
+    (not an image, truncated, corrupt) is the same one-line error, never a traceback.
+    """
+    import warnings
+
+    from PIL import Image as PILImage
+
+    from .errors import PathError
+    from .paths import check_regular_file
+
+    checked = check_regular_file(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            with PILImage.open(checked) as image:
+                return image.convert("RGB")
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
+        raise PathError(f"{path}: image too large to decode safely ({exc}); downscale it first") from None
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) on bad input
+        raise PathError(
+            f"{path}: not a readable image ({type(exc).__name__}: {' '.join(str(exc).split())})"
+        ) from None

@@ -20,19 +20,27 @@ from pathlib import Path
 import torch
 
 from .errors import LoRAFileError, OptionError
+from .paths import check_regular_file
 
 CATEGORIES = ("character", "clothing", "style", "background", "object")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_TENSOR_DIM = 1 << 20
 MAX_RANK = 4096
+MAX_LORA_BYTES = 4 << 30
+"""Tensor data one LoRA file may hold: generous for plain LoRAs of SD-1.5/2.x/SDXL (commonly tens
+to hundreds of MB), and the bound on the memory that reading one file can take."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _SAFETENSORS_DTYPES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }  # fmt: skip
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-_PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
-_LYCORIS_MARKERS = ("hada_w", "lokr_w", "oft_", ".diff", "lora_mid", ".on_input", "lokr_t")
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+"""Python pickles: loading one can run arbitrary code, so each needs an explicit allow_pickle."""
+_LYCORIS_MARKERS = ("hada_w", "lokr_w", "oft_", "lora_mid", ".on_input", "lokr_t")
+# LyCORIS full-difference keys end so; as a substring ".diff" would also match every key of a full
+# checkpoint (``model.diffusion_model.*``) and call it LyCORIS
+_LYCORIS_SUFFIXES = (".diff", ".diff_b")
 _COMPONENT_PREFIXES = {
     "lora_unet_": "unet",
     "lora_te_": "text_encoder",
@@ -98,7 +106,8 @@ class LoRA:
 @dataclass
 class LoRAModuleWeights:
     """One down/up pair of a file: ``key`` names the target module (for resolution), ``source`` the
-    file's own down-weight key (for error messages, so users can find it in the file)."""
+    file's own down-weight key (for error messages, so users can find it in the file). Until
+    ``load_lora_tensors`` ran, ``down``/``up`` are meta tensors (shapes only) and ``alpha`` None."""
 
     component: str
     key: str
@@ -106,6 +115,9 @@ class LoRAModuleWeights:
     up: torch.Tensor
     alpha: float | None
     source: str = ""
+    up_source: str = ""
+    alpha_source: str | None = None
+    """Keys of the up weight and alpha in the file: ``load_lora_tensors`` reads them from there."""
 
     @property
     def rank(self) -> int:
@@ -140,10 +152,13 @@ def sha256_of(path: Path) -> str:
 def check_safetensors_header(path: Path) -> tuple[dict, dict[str, str]]:
     """Validate the header and the byte layout without loading any tensor.
 
-    Returns (tensor entries, metadata). Every malformation is a LoRAFileError naming the file and,
-    where one is at fault, the key.
+    Returns (tensor entries, metadata). Every malformation (a value of the wrong JSON type,
+    negative, overlapping or gapped offsets, offsets past the end, bytes after the last tensor,
+    more tensor data than ``MAX_LORA_BYTES``) is a LoRAFileError naming the file and, where one is
+    at fault, the key: the header is untrusted input and must never surface as a TypeError.
     """
-    size = path.stat().st_size
+    path = Path(path)
+    size = check_regular_file(path, lambda problem: LoRAFileError(path, problem)).stat().st_size
     if size < 8:
         raise LoRAFileError(path, f"file is {size} bytes, too short to be a safetensors file (truncated?)")
     with open(path, "rb") as handle:
@@ -159,49 +174,66 @@ def check_safetensors_header(path: Path) -> tuple[dict, dict[str, str]]:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as dup:
         raise LoRAFileError(path, "duplicated key in the header", key=str(dup)) from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError, 4300-digit ints
         raise LoRAFileError(path, f"header is not valid JSON ({type(exc).__name__}): corrupt file") from None
     if not isinstance(header, dict):
-        raise LoRAFileError(path, "header is not a JSON object: corrupt file")
-    metadata = header.pop("__metadata__", {}) or {}
+        raise LoRAFileError(path, f"header is a JSON {type(header).__name__}, not an object: corrupt file")
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise LoRAFileError(path, "__metadata__ must map strings to strings")
+        raise LoRAFileError(path, "__metadata__ must map strings to strings", key="__metadata__")
     data_len = size - 8 - header_len
     spans = []
     for key, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
-            raise LoRAFileError(path, "tensor entry must have dtype, shape and data_offsets", key=key)
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise LoRAFileError(path, f"unknown dtype {dtype!r}", key=key)
-        if (
-            not isinstance(shape, list)
-            or len(shape) > 8
-            or not all(
-                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_TENSOR_DIM for d in shape
-            )
-        ):
-            raise LoRAFileError(path, f"absurd shape {shape!r}", key=key)
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        ):
-            raise LoRAFileError(path, f"bad data_offsets {offsets!r}", key=key)
-        start, end = offsets
-        expected = math.prod(shape) * _SAFETENSORS_DTYPES[dtype]
-        if not 0 <= start <= end <= data_len or end - start != expected:
-            raise LoRAFileError(
-                path,
-                f"data_offsets {offsets} do not match shape {shape} x {dtype} in {data_len} data bytes",
-                key=key,
-            )
-        spans.append((start, end, key))
+        spans.append((*_check_entry(path, key, entry, data_len), key))
     spans.sort()
-    for (_, end_a, key_a), (start_b, _, key_b) in zip(spans, spans[1:], strict=False):
-        if start_b < end_a:
-            raise LoRAFileError(path, f"tensor data overlaps that of {key_a!r}", key=key_b)
+    position, previous = 0, None
+    for start, end, key in spans:
+        if start < position:
+            raise LoRAFileError(path, f"tensor data overlaps that of {previous!r}", key=key)
+        if start > position:
+            raise LoRAFileError(
+                path, f"data_offsets leave {start - position} unused bytes before this tensor", key=key
+            )
+        position, previous = end, key
+    if position != data_len:
+        raise LoRAFileError(path, f"{data_len - position} bytes after the last tensor's data_offsets")
+    if data_len > MAX_LORA_BYTES:
+        raise LoRAFileError(
+            path,
+            f"holds {data_len} bytes of tensor data, more than cmlora reads from one LoRA file "
+            f"({MAX_LORA_BYTES}): refused before reading any of it",
+        )
     return header, metadata
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_entry(path: Path, key: str, entry: object, data_len: int) -> tuple[int, int]:
+    """One tensor entry of the header, every field type-checked: returns its (start, end)."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise LoRAFileError(path, "tensor entry must have dtype, shape and data_offsets", key=key)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+        raise LoRAFileError(path, f"unknown dtype {dtype!r}", key=key)
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 8
+        or not all(_is_int(d) and 0 <= d <= MAX_TENSOR_DIM for d in shape)
+    ):
+        raise LoRAFileError(path, f"absurd shape {shape!r}", key=key)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise LoRAFileError(path, f"bad data_offsets {offsets!r}", key=key)
+    start, end = offsets
+    expected = math.prod(shape) * _SAFETENSORS_DTYPES[dtype]
+    if not 0 <= start <= end <= data_len or end - start != expected:
+        raise LoRAFileError(
+            path,
+            f"data_offsets {offsets} do not match shape {shape} x {dtype} in {data_len} data bytes",
+            key=key,
+        )
+    return start, end
 
 
 class _DuplicateKey(Exception):
@@ -217,45 +249,96 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return seen
 
 
-def read_lora_file(path: str | Path, allow_pickle: bool = False) -> LoRAFile:
-    """Read and validate one LoRA file into down/up pairs per target module key."""
+def read_lora_file(path: str | Path, allow_pickle: bool = False, tensors: bool = True) -> LoRAFile:
+    """Read and validate one LoRA file into down/up pairs per target module key.
+
+    A safetensors file is judged from its header first: layout, dtypes, key patterns, pairs and
+    ranks, all before a byte of tensor data is read, so a file claiming gigabytes is refused in
+    milliseconds. ``tensors=False`` stops there: the modules hold shape-only (meta) tensors and
+    ``sha256`` is empty, so a caller can resolve the file against a pipeline and then read only
+    the pairs it uses with ``load_lora_tensors`` (what ``Composer`` does).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise LoRAFileError(path, "no such file")
+    check_regular_file(path, lambda problem: LoRAFileError(path, problem))
     suffix = path.suffix.lower()
-    if suffix in _PICKLE_SUFFIXES:
+    if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise LoRAFileError(
                 path,
                 f"'{suffix}' files are Python pickles, which can run arbitrary code when loaded. "
                 "Convert it to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source",
             )
-        tensors = _load_pickle(path)
-        metadata: dict[str, str] = {}
-        header = None
-    elif suffix == ".safetensors":
-        header, metadata = check_safetensors_header(path)
-        from safetensors.torch import load_file
+        loaded = _load_pickle(path)
+        if not loaded:
+            raise LoRAFileError(path, "file holds no tensors")
+        for key, tensor in loaded.items():
+            _check_values(path, key, tensor)
+        modules, fmt = _pair_up(path, loaded)
+        return LoRAFile(path=path, sha256=sha256_of(path), format=fmt, modules=modules, metadata={})
+    if suffix != ".safetensors":
+        raise LoRAFileError(path, f"unsupported extension {suffix!r}; expected .safetensors")
+    header, metadata = check_safetensors_header(path)
+    for key, entry in header.items():
+        if entry["dtype"] not in _FLOAT_DTYPES:
+            raise LoRAFileError(path, f"dtype {entry['dtype']} is not a float type", key=key)
+    if not header:
+        raise LoRAFileError(path, "file holds no tensors")
+    shapes = {
+        key: torch.empty(entry["shape"], dtype=_FLOAT_DTYPES[entry["dtype"]], device="meta")
+        for key, entry in header.items()
+    }
+    modules, fmt = _pair_up(path, shapes)
+    lora_file = LoRAFile(path=path, sha256="", format=fmt, modules=modules, metadata=metadata)
+    if tensors:
+        load_lora_tensors(lora_file)
+    return lora_file
+
+
+def load_lora_tensors(lora_file: LoRAFile, modules: list[LoRAModuleWeights] | None = None) -> None:
+    """Read the tensors of ``modules`` (default: all) of a file read with ``tensors=False``.
+
+    safetensors' ``safe_open`` reads lazily, so only these pairs (and their alphas) are read;
+    modules not asked for are dropped from the file, so nothing unread stays behind as a shape.
+    Values are checked (finite; alpha a positive scalar) and the file's SHA-256 is computed.
+    """
+    wanted = lora_file.modules if modules is None else modules
+    pending = [m for m in wanted if m.down.is_meta]
+    path = lora_file.path
+    if pending:
+        from safetensors import safe_open
 
         try:
-            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for module in pending:
+                    module.down = _read_tensor(path, handle, module.source, module.down)
+                    module.up = _read_tensor(path, handle, module.up_source, module.up)
+                    if module.alpha_source is not None:
+                        alpha = _read_tensor(path, handle, module.alpha_source, None)
+                        module.alpha = _scalar_alpha(path, alpha, module.alpha_source)
+                        _check_alpha(path, module.alpha, module.source, module.rank)
+        except LoRAFileError:
+            raise
         except Exception as exc:  # safetensors raises its own error types
             raise LoRAFileError(path, f"safetensors could not read it: {exc}") from None
-    else:
-        raise LoRAFileError(path, f"unsupported extension {suffix!r}; expected .safetensors")
-    if header is not None:
-        for key, entry in header.items():
-            if entry["dtype"] not in _FLOAT_DTYPES:
-                raise LoRAFileError(path, f"dtype {entry['dtype']} is not a float type", key=key)
-    if not tensors:
-        raise LoRAFileError(path, "file holds no tensors")
-    for key, tensor in tensors.items():
-        if not torch.is_floating_point(tensor):
-            raise LoRAFileError(path, f"dtype {tensor.dtype} is not a float type", key=key)
-        if not bool(torch.isfinite(tensor).all()):
-            raise LoRAFileError(path, "tensor holds NaN or Inf values", key=key)
-    modules, fmt = _pair_up(path, tensors)
-    return LoRAFile(path=path, sha256=sha256_of(path), format=fmt, modules=modules, metadata=metadata)
+    kept = {id(m) for m in wanted}
+    lora_file.modules = [m for m in lora_file.modules if id(m) in kept]
+    if not lora_file.sha256:
+        lora_file.sha256 = sha256_of(path)
+
+
+def _read_tensor(path: Path, handle, key: str, expected: torch.Tensor | None) -> torch.Tensor:
+    tensor = handle.get_tensor(key)
+    if expected is not None and tuple(tensor.shape) != tuple(expected.shape):
+        raise LoRAFileError(path, "the file changed while it was being read", key=key)
+    _check_values(path, key, tensor)
+    return tensor
+
+
+def _check_values(path: Path, key: str, tensor: torch.Tensor) -> None:
+    if not torch.is_floating_point(tensor):
+        raise LoRAFileError(path, f"dtype {tensor.dtype} is not a float type", key=key)
+    if not bool(torch.isfinite(tensor).all()):
+        raise LoRAFileError(path, "tensor holds NaN or Inf values", key=key)
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -273,7 +356,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 def _pair_up(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[list[LoRAModuleWeights], str]:
     keys = list(tensors)
     for key in keys:
-        if any(marker in key for marker in _LYCORIS_MARKERS):
+        if any(marker in key for marker in _LYCORIS_MARKERS) or key.endswith(_LYCORIS_SUFFIXES):
             raise LoRAFileError(
                 path,
                 "this is a LyCORIS (LoHa/LoKr/OFT) file; only plain LoRA (down/up) files are supported",
@@ -301,22 +384,11 @@ def _pair_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> list[LoRAModule
             raise LoRAFileError(
                 path, "key does not start with lora_unet_/lora_te_/lora_te1_/lora_te2_", key=key
             )
-        alpha = None
-        if alpha_key in tensors:
-            alpha = _scalar_alpha(path, tensors[alpha_key], alpha_key)
-            used.add(alpha_key)
+        alpha = alpha_key if alpha_key in tensors else None
         modules.append(
-            _checked_pair(
-                path,
-                _COMPONENT_PREFIXES[prefix],
-                stem[len(prefix) :],
-                tensors[key],
-                tensors[up_key],
-                alpha,
-                key,
-            )
+            _checked_pair(path, _COMPONENT_PREFIXES[prefix], stem[len(prefix) :], tensors, key, up_key, alpha)
         )
-        used.update({key, up_key})
+        used.update({key, up_key, alpha_key})
     _refuse_leftovers(path, tensors, used)
     return modules
 
@@ -340,15 +412,12 @@ def _pair_dotted(path: Path, tensors: dict[str, torch.Tensor]) -> list[LoRAModul
             if module.startswith(prefix):
                 component, module = comp, module[len(prefix) :]
                 break
-        alpha = None
-        for alpha_key in (stem + ".alpha", stem + ".lora.alpha"):
-            if alpha_key in tensors:
-                if alpha is not None:
-                    raise LoRAFileError(path, "a second alpha for the same pair", key=alpha_key)
-                alpha = _scalar_alpha(path, tensors[alpha_key], alpha_key)
-                used.add(alpha_key)
-        modules.append(_checked_pair(path, component, module, tensors[key], tensors[up_key], alpha, key))
-        used.update({key, up_key})
+        alphas = [k for k in (stem + ".alpha", stem + ".lora.alpha") if k in tensors]
+        if len(alphas) > 1:
+            raise LoRAFileError(path, "a second alpha for the same pair", key=alphas[1])
+        alpha = alphas[0] if alphas else None
+        modules.append(_checked_pair(path, component, module, tensors, key, up_key, alpha))
+        used.update({key, up_key, *alphas})
     if not modules:
         raise LoRAFileError(
             path,
@@ -360,21 +429,38 @@ def _pair_dotted(path: Path, tensors: dict[str, torch.Tensor]) -> list[LoRAModul
     return modules
 
 
-def _scalar_alpha(path: Path, tensor: torch.Tensor, key: str) -> float:
+def _scalar_alpha(path: Path, tensor: torch.Tensor, key: str) -> float | None:
+    """The alpha value; None while ``tensor`` is a shape-only (meta) stand-in."""
     if tensor.numel() != 1:
         raise LoRAFileError(path, f"alpha must be a scalar, got shape {list(tensor.shape)}", key=key)
-    return float(tensor.reshape(()).item())
+    return None if tensor.is_meta else float(tensor.reshape(()).item())
+
+
+def _check_alpha(path: Path, alpha: float | None, source: str, rank: int) -> None:
+    if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
+        raise LoRAFileError(path, f"alpha must be a positive finite number, got {alpha}", key=source)
+    if alpha is not None and alpha / rank > MAX_STRENGTH:
+        raise LoRAFileError(
+            path,
+            f"alpha {alpha:g} at rank {rank} scales the LoRA by {alpha / rank:g}, over {MAX_STRENGTH:g}: "
+            "the file is broken (kohya files have alpha <= a few times the rank)",
+            key=source,
+        )
 
 
 def _checked_pair(
     path: Path,
     component: str,
     module: str,
-    down: torch.Tensor,
-    up: torch.Tensor,
-    alpha: float | None,
+    tensors: dict[str, torch.Tensor],
     source: str,
+    up_source: str,
+    alpha_source: str | None,
 ) -> LoRAModuleWeights:
+    """One down/up pair checked from shapes alone (meta tensors work), plus its alpha's value
+    when the tensors are real."""
+    down, up = tensors[source], tensors[up_source]
+    alpha = None if alpha_source is None else _scalar_alpha(path, tensors[alpha_source], alpha_source)
     if down.dim() not in (2, 4) or up.dim() not in (2, 4):
         raise LoRAFileError(
             path, f"down {list(down.shape)} / up {list(up.shape)} must be 2-D or 4-D", key=source
@@ -386,16 +472,17 @@ def _checked_pair(
         )
     if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
         raise LoRAFileError(path, f"up weight must be 1x1, got {list(up.shape)}", key=source)
-    if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
-        raise LoRAFileError(path, f"alpha must be a positive finite number, got {alpha}", key=source)
-    if alpha is not None and alpha / rank > MAX_STRENGTH:
-        raise LoRAFileError(
-            path,
-            f"alpha {alpha:g} at rank {rank} scales the LoRA by {alpha / rank:g}, over {MAX_STRENGTH:g}: "
-            "the file is broken (kohya files have alpha <= a few times the rank)",
-            key=source,
-        )
-    return LoRAModuleWeights(component=component, key=module, down=down, up=up, alpha=alpha, source=source)
+    _check_alpha(path, alpha, source, rank)
+    return LoRAModuleWeights(
+        component=component,
+        key=module,
+        down=down,
+        up=up,
+        alpha=alpha,
+        source=source,
+        up_source=up_source,
+        alpha_source=alpha_source,
+    )
 
 
 def _refuse_leftovers(path: Path, tensors: dict[str, torch.Tensor], used: set[str]) -> None:

@@ -8,12 +8,15 @@ otherwise a tiny random pipeline, and we say so: its images are noise-like by co
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import CmloraError, OptionError
+from .loras import PICKLE_SUFFIXES
+from .paths import check_regular_file
 
 BUILTIN = ("mini", "tiny-sd15", "tiny-sdxl")
 DTYPES = {
@@ -64,15 +67,35 @@ class BaseModel:
 
 
 def pick_device(device: str) -> str:
-    if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
+    """The torch device to run on; a device string torch does not know, a kind cmlora does not run
+    on, or a device this machine lacks is an OptionError here, before any model is loaded."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OptionError(
+            f"device {device!r} is not a device name; use cpu, cuda, cuda:N, mps or auto"
+        ) from None
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise OptionError(f"device {device!r}: cmlora runs on cpu, cuda, cuda:N or mps; use one of them")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
             raise OptionError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise OptionError(
+                f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    if parsed.type == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise OptionError(f"device {device!r} requested but MPS is not available here; use --device cpu")
+    return device
 
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
@@ -93,8 +116,14 @@ def mini_available() -> bool:
 
 
 def load_base(
-    base: str | None, device: str = "auto", dtype: str = "auto", config: str | None = None
+    base: str | None,
+    device: str = "auto",
+    dtype: str = "auto",
+    config: str | None = None,
+    allow_pickle: bool = False,
 ) -> BaseModel:
+    """The base pipeline ``base`` names. Pickled weights (``.bin``...) run code when loaded, so a
+    folder or hub model that has them instead of safetensors is refused unless ``allow_pickle``."""
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
     if base is None or base == "mini":
@@ -112,11 +141,12 @@ def load_base(
         return _tiny(base, device, torch_dtype)
     path = Path(base)
     if path.is_dir():
-        return BaseModel(_from_folder(path, torch_dtype).to(device), str(path))
-    if path.is_file():
+        return BaseModel(_from_folder(path, torch_dtype, allow_pickle).to(device), str(path))
+    if os.path.lexists(path):  # a file, or a pipe, a device, a broken link: say which
+        check_regular_file(path, lambda problem: OptionError(f"--base {base!r}: {problem}"))
         return BaseModel(_from_single_file(path, torch_dtype, config).to(device), str(path))
     if base.count("/") == 1 and not base.startswith((".", "/")):
-        return BaseModel(_from_hub(base, torch_dtype).to(device), base)
+        return BaseModel(_from_hub(base, torch_dtype, allow_pickle).to(device), base)
     raise OptionError(
         f"--base {base!r} is neither a folder, a checkpoint file, a hub id nor one of {BUILTIN}"
     )
@@ -170,17 +200,52 @@ def _pipeline_class(name: str):
     return classes[name]
 
 
-def _from_folder(path: Path, dtype: torch.dtype):
+def refuse_pickled_weights(folder: Path, components: list[str]) -> None:
+    """Refuse a diffusers folder where a component that will be loaded has pickled weights
+    (``.bin``...) and no safetensors beside them: diffusers would unpickle them, and a pickle can
+    run arbitrary code. Called unless the user passed --allow-pickle; the message names the file."""
+    for name in components:
+        sub = folder / name
+        if not sub.is_dir():
+            continue
+        files = [p for p in sub.iterdir() if p.is_file()]
+        pickles = sorted(p for p in files if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles and not any(p.suffix.lower() == ".safetensors" for p in files):
+            raise OptionError(
+                f"--base {folder}: {pickles[0]} is a pickle, which can run arbitrary code when loaded; "
+                "convert the model to safetensors, or pass --allow-pickle if you trust its source"
+            )
+
+
+def _from_folder(path: Path, dtype: torch.dtype, allow_pickle: bool = False):
     index = path / "model_index.json"
     if not index.is_file():
         raise OptionError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    cls = _pipeline_class(json.loads(index.read_text()).get("_class_name", ""))
-    kwargs = (
+    try:
+        model_index = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise OptionError(f"--base {path}: model_index.json is not valid JSON ({exc})") from None
+    if not isinstance(model_index, dict):
+        raise OptionError(f"--base {path}: model_index.json is not a JSON object")
+    cls = _pipeline_class(str(model_index.get("_class_name", "")))
+    kwargs: dict = (
         {"safety_checker": None, "requires_safety_checker": False}
         if cls.__name__ == "StableDiffusionPipeline"
         else {}
     )
-    return cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **kwargs)
+    if not allow_pickle:
+        loaded = [
+            name
+            for name, spec in model_index.items()
+            if not name.startswith("_") and name not in kwargs and isinstance(spec, list) and any(spec)
+        ]
+        refuse_pickled_weights(path, loaded)
+        kwargs["use_safetensors"] = True  # diffusers itself then refuses any .bin we did not see
+    try:
+        return cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **kwargs)
+    except OSError as exc:
+        hint = "" if allow_pickle else "; safetensors weights are required unless you pass --allow-pickle"
+        raise OptionError(f"--base {path}: {' '.join(str(exc).split())}{hint}") from None
 
 
 def _from_single_file(path: Path, dtype: torch.dtype, config: str | None):
@@ -188,8 +253,13 @@ def _from_single_file(path: Path, dtype: torch.dtype, config: str | None):
 
     if path.suffix.lower() != ".safetensors":
         raise OptionError(f"{path}: only .safetensors checkpoints are loaded (pickle files can run code)")
-    with safe_open(str(path), framework="pt") as handle:
-        is_xl = any(k.startswith("conditioner.embedders.1") for k in handle.keys())
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            is_xl = any(k.startswith("conditioner.embedders.1") for k in handle.keys())
+    except Exception as exc:  # safetensors raises its own error types
+        raise OptionError(
+            f"--base {path}: not a readable safetensors checkpoint ({' '.join(str(exc).split())})"
+        ) from None
     cls = _pipeline_class("StableDiffusionXLPipeline" if is_xl else "StableDiffusionPipeline")
     kwargs = {"config": config} if config else {}
     try:
@@ -201,14 +271,17 @@ def _from_single_file(path: Path, dtype: torch.dtype, config: str | None):
         ) from None
 
 
-def _from_hub(repo: str, dtype: torch.dtype):
+def _from_hub(repo: str, dtype: torch.dtype, allow_pickle: bool = False):
     from diffusers import DiffusionPipeline
 
+    kwargs = {} if allow_pickle else {"use_safetensors": True}
     try:
-        pipe = DiffusionPipeline.from_pretrained(repo, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(repo, torch_dtype=dtype, **kwargs)
     except OSError as exc:
         raise CmloraError(
-            f"could not load {repo!r} from the hub ({exc}); pass a local folder with --base"
+            f"could not load {repo!r} from the hub ({' '.join(str(exc).split())}); pass a local folder "
+            "with --base"
+            + ("" if allow_pickle else " (models without safetensors weights need --allow-pickle)")
         ) from None
     _pipeline_class(type(pipe).__name__)
     return pipe

@@ -26,6 +26,7 @@ from typing import Any
 
 from cmlora.errors import CmloraError
 from cmlora.frequency import order_and_partition
+from cmlora.paths import regular_file_problem
 from cmlora.records import atomic_write_bytes
 
 FORMAT_NAME = "cmlora-profiles"
@@ -164,12 +165,15 @@ class ProfileFile:
     def load(cls, path: str | os.PathLike[str]) -> ProfileFile:
         """Read and validate a profile file; every error names the file and, where one is at fault, the entry."""
         where = str(path)
+        problem = regular_file_problem(path)
+        if problem == "no such file":
+            raise _fail(where, "does not exist: run `cmlora profile` to create it")
+        if problem is not None:
+            raise _fail(where, f"{problem}; give the JSON file `cmlora profile` wrote")
         try:
             with open(path, encoding="utf-8") as handle:
                 raw = json.load(handle)
-        except FileNotFoundError:
-            raise _fail(where, "does not exist: run `cmlora profile` to create it") from None
-        except json.JSONDecodeError as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             raise _fail(where, f"is not valid JSON ({exc})") from None
         if not isinstance(raw, dict):
             raise _fail(where, f"top level must be an object, got {type(raw).__name__}")

@@ -14,6 +14,9 @@ import secrets
 from importlib import metadata
 from pathlib import Path
 
+from .errors import RecordError
+from .paths import check_regular_file
+
 RECORD_CHUNK = "cmlora"
 
 
@@ -127,14 +130,38 @@ def save_image(image, record: dict, png_path: Path) -> tuple[Path, Path]:
 
 
 def read_record(path: Path) -> dict:
-    """Record of an image: from its sidecar (.json) or its PNG text chunk."""
-    path = Path(path)
-    if path.suffix.lower() == ".json":
-        return json.loads(path.read_text())
-    from PIL import Image
+    """Record of an image: from its sidecar (.json) or its PNG text chunk.
 
-    with Image.open(path) as image:
-        text = image.info.get(RECORD_CHUNK)
-    if text is None:
-        raise ValueError(f"{path} holds no cmlora record (no '{RECORD_CHUNK}' PNG text chunk)")
-    return json.loads(text)
+    Records are read back by ``plot-trace``, the web app and reports from files a user points at,
+    so anything that is not a record (a pipe, another PNG, garbage JSON, a JSON list) is a
+    RecordError naming the file, never a traceback.
+    """
+    path = check_regular_file(path, lambda problem: RecordError(f"{path}: {problem}"))
+    if path.suffix.lower() == ".json":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise RecordError(f"{path}: is not UTF-8 text, so not a cmlora record (JSON sidecar)") from None
+    else:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                text = image.info.get(RECORD_CHUNK)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise RecordError(
+                f"{path}: not a readable image ({type(exc).__name__}: {exc}); give a PNG written by cmlora "
+                "or its .json sidecar"
+            ) from None
+        if text is None:
+            raise RecordError(
+                f"{path} holds no cmlora record (no '{RECORD_CHUNK}' PNG text chunk): give a PNG written by "
+                "cmlora generate or its .json sidecar"
+            )
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise RecordError(f"{path}: the record is not valid JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"{path}: the record is a JSON {type(record).__name__}, not an object")
+    return record

@@ -16,6 +16,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import RecordError
+
 #: The online variant's published threshold g, used when the record does not state one.
 DEFAULT_THRESHOLD = 0.40
 
@@ -41,17 +43,17 @@ def _number(value: Any) -> float | None:
 
 def _trace(record: Any) -> list[dict]:
     if not isinstance(record, dict):
-        raise ValueError(f"plot_trace expects a record (dict), got {type(record).__name__}")
+        raise RecordError(f"plot_trace expects a record (dict), got {type(record).__name__}")
     trace = record.get("trace")
     if not isinstance(trace, list) or not trace:
-        raise ValueError(
+        raise RecordError(
             "the record has no per-step trace (no 'trace' list, or an empty one): it was not written by "
             "cmlora generate, or by a version that did not record traces; generate the image again "
             "(with --research for the full set of panels)"
         )
     bad = [k for k, entry in enumerate(trace) if not isinstance(entry, dict)]
     if bad:
-        raise ValueError(f"trace entries must be objects; entries {bad[:5]} are not")
+        raise RecordError(f"trace entries must be objects; entries {bad[:5]} are not")
     return trace
 
 
@@ -218,7 +220,7 @@ def _panel_similarity(ax: Any, names: list[str], steps: list[int], trace: Sequen
 
 
 def plot_trace(record: dict, out_png: str | os.PathLike[str]) -> None:
-    """Write one PNG with four panels from ``record["trace"]``; raise ValueError if there is none.
+    """Write one PNG with four panels from ``record["trace"]``; raise RecordError (a ValueError) if there is none.
 
     (a) the latent statistic with the online threshold and the early/late phases, (b) a LoRA x step
     grid of full and cached calls with the dominant LoRA starred, (c) the mixing weights (and

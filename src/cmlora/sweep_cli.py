@@ -15,6 +15,7 @@ from pathlib import Path
 from . import mini
 from .errors import OptionError
 from .methods import reads_profile, split_label
+from .paths import check_output_dir
 
 # Published generation settings (COMPOSLORA.md). "zhong": Zhong et al. 2024; "cmlora": CMLoRA's code.
 PRESETS: dict[str, dict[str, dict]] = {
@@ -196,7 +197,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .cli import _method_options
     from .models import load_base
     from .testbed.compositions import image_seed
-    from .testbed.info import lora_file
     from .testbed.sweep import SweepJob, distributed_env, run_sweep
 
     comps, defaults = _testbed(args)
@@ -210,7 +210,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         dtype = PUBLISHED_DTYPE  # the papers ran fp32; auto would pick fp16 on CUDA
     if args.size:
         defaults["width"], defaults["height"] = args.size
-    labels = [m.strip() for m in args.methods.split(",") if m.strip()]
+    labels = method_labels(args.methods)
     methods = {label: split_label(label) for label in labels}
     options = {label: _method_options(args, method, strict=False) for label, (method, _) in methods.items()}
     if args.seeds < 1:
@@ -226,10 +226,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _, world_size, local_rank = distributed_env()
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = process_device(args.device, local_rank, world_size, cuda_count)
-    base = load_base(args.base, device, dtype, args.config)
+    if args.testbed != "mini":
+        check_lora_files(comps, lora_path_of(args))
+    if args.profile is not None:
+        from .profiles import ProfileFile
+
+        ProfileFile.load(args.profile)  # a missing or broken profile is refused before the model loads
+    check_output_dir(args.out)  # before the model loads: an unwritable run folder must not cost a load
+    base = load_base(args.base, device, dtype, args.config, allow_pickle=args.allow_pickle)
     if base.note:
         print(base.note, file=sys.stderr)
-    apply_pipeline_settings(base.pipe, defaults.get("scheduler"), defaults.get("vae"))
+    apply_pipeline_settings(
+        base.pipe, defaults.get("scheduler"), defaults.get("vae"), allow_pickle=args.allow_pickle
+    )
     settings = {
         "testbed": args.testbed,
         "style": comps[0].style if comps else args.style,
@@ -244,24 +253,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "profile": args.profile,
         **defaults,
     }
-    if args.testbed == "mini":
-
-        def lora_path(entry):
-            return Path(base.lora_ids[entry.id]["file"])
-    elif args.info:
-
-        def lora_path(entry):
-            return Path(args.lora_dir) / f"{entry.id}.safetensors"
-    else:
-
-        def lora_path(entry):
-            return lora_file(args.lora_dir, args.style, entry)
-
     generate = CompositionGenerator(
         base,
         methods,
         defaults,
-        lora_path,
+        lora_path_of(args, base),
         profile=args.profile,
         allow_partial=args.allow_partial,
         allow_pickle=args.allow_pickle,
@@ -282,6 +278,46 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def lora_path_of(args: argparse.Namespace, base=None):
+    """Where the LoRA file of a testbed entry is: the mini model's own (needs the loaded ``base``),
+    ``--lora-dir/<id>.safetensors`` with ``--info``, or the ComposLoRA layout."""
+    from .testbed.info import lora_file
+
+    if args.testbed == "mini":
+        return lambda entry: Path(base.lora_ids[entry.id]["file"])
+    if args.info:
+        return lambda entry: Path(args.lora_dir) / f"{entry.id}.safetensors"
+    return lambda entry: lora_file(args.lora_dir, args.style, entry)
+
+
+def check_lora_files(comps, lora_path) -> None:
+    """Every LoRA file of the sweep must be a regular file before the model loads and the run
+    folder is started: a wrong --lora-dir used to be found at the first composition, after the
+    load, leaving a fresh run folder behind."""
+    from .errors import LoRAFileError
+    from .paths import check_regular_file
+
+    seen: set[Path] = set()
+    for comp in comps:
+        for entry in comp.loras:
+            path = Path(lora_path(entry))
+            if path not in seen:
+                seen.add(path)
+                check_regular_file(path, lambda problem, p=path: LoRAFileError(p, problem))
+
+
+def method_labels(text: str) -> list[str]:
+    """The --methods list: at least one label, each once. An empty list ran a sweep of 0 images
+    and reported success; a repeated label would make the same images twice."""
+    labels = [m.strip() for m in text.split(",") if m.strip()]
+    if not labels:
+        raise OptionError(f"--methods {text!r} names no method; give labels such as {DEFAULT_METHODS}")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise OptionError(f"--methods {text!r} repeats {', '.join(repeated)}; give each method once")
+    return labels
+
+
 def process_device(device: str, local_rank: int, world_size: int, cuda_count: int) -> str:
     """The device of this process: under a launcher, ``auto`` and a bare ``cuda`` mean the GPU of
     its local rank (so each process gets its own), wrapping round when there are more processes
@@ -293,11 +329,12 @@ def process_device(device: str, local_rank: int, world_size: int, cuda_count: in
     return device
 
 
-def apply_pipeline_settings(pipe, scheduler: str | None, vae: str | None) -> None:
+def apply_pipeline_settings(pipe, scheduler: str | None, vae: str | None, allow_pickle: bool = False) -> None:
     """Put the published scheduler and VAE into ``pipe`` (None leaves that part as loaded).
 
     Like the published code, the scheduler is DPMSolverMultistepScheduler built from the base's own
     scheduler config with ``algorithm_type`` set, so betas and timestep spacing stay the checkpoint's.
+    A VAE with pickled (``.bin``) weights only is refused unless ``allow_pickle``, like the base.
     """
     if scheduler is not None:
         from diffusers import DPMSolverMultistepScheduler
@@ -310,12 +347,14 @@ def apply_pipeline_settings(pipe, scheduler: str | None, vae: str | None) -> Non
         from diffusers import AutoencoderKL
 
         current = pipe.vae
+        kwargs = {} if allow_pickle else {"use_safetensors": True}
         try:
-            loaded = AutoencoderKL.from_pretrained(vae, torch_dtype=current.dtype)
+            loaded = AutoencoderKL.from_pretrained(vae, torch_dtype=current.dtype, **kwargs)
         except (OSError, ValueError) as exc:
+            hint = "" if allow_pickle else " (a VAE with .bin weights only needs --allow-pickle)"
             raise OptionError(
                 f"cannot load the VAE {vae!r} ({type(exc).__name__}: {exc}); pass a local diffusers VAE "
-                "folder with --vae, or --vae none to keep the base model's own"
+                f"folder with --vae, or --vae none to keep the base model's own{hint}"
             ) from exc
         pipe.vae = loaded.to(current.device).eval()
 

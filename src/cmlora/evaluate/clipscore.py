@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..paths import regular_file_problem
 from .runs import (
     CLIPSCORE_FILENAME,
     JsonlAppender,
@@ -283,9 +284,10 @@ def clip_score_run(
         return records
     # Validate every image exists before loading CLIP, so a typo fails in seconds, not mid-run.
     paths = [resolve_image(run_dir, e.image) for e in todo]
-    missing = [str(p) for p in paths if not p.is_file()]
+    problems = [(p, regular_file_problem(p)) for p in paths]
+    missing = [f"{p}: {problem}" for p, problem in problems if problem is not None]
     if missing:
-        raise ManifestError(f"{len(missing)} manifest image(s) do not exist, e.g. {missing[0]}")
+        raise ManifestError(f"{len(missing)} manifest image(s) cannot be read, e.g. {missing[0]}")
     scorer = scorer or ClipScorer(clip_name, device=device)
     with (
         JsonlAppender(out_path) as sink,

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ..errors import CmloraError
+from ..paths import check_regular_file
 from ..records import atomic_write_bytes
 
 __all__ = [
@@ -45,7 +47,7 @@ JUDGE_FILENAME = "judge.jsonl"
 CONCEPTS_FILENAME = "concepts.jsonl"
 
 
-class ManifestError(ValueError):
+class ManifestError(CmloraError, ValueError):
     """A run directory or one of its JSONL files is unusable; the message names the file and line."""
 
 
@@ -133,25 +135,29 @@ def resolve_image(run_dir: str | os.PathLike[str], rel: str) -> Path:
 
 def _iter_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, value)``; a partial *last* line (interrupted append) is skipped."""
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    check_regular_file(path, lambda problem: ManifestError(f"{path}: {problem}"))
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     lines = text.split("\n")
     for idx, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
         try:
             yield idx, json.loads(raw)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long integers, deep nesting
             is_last = idx == len(lines) and not text.endswith("\n")
             if is_last:
                 return
-            raise ManifestError(f"{path}: line {idx}: invalid JSON ({exc.msg})") from None
+            raise ManifestError(f"{path}: line {idx}: invalid JSON ({getattr(exc, 'msg', exc)})") from None
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read a JSONL file of objects, tolerating an interrupted final line; missing file -> []."""
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         return []
     out: list[dict[str, Any]] = []
     for idx, value in _iter_json_lines(path):
@@ -270,6 +276,9 @@ def open_run_image(path: str | os.PathLike[str]):
     naming it (scorers read images only through here)."""
     from PIL import Image
 
+    from ..paths import check_regular_file
+
+    check_regular_file(path, lambda problem: ManifestError(f"{path}: {problem}"))  # never open a pipe
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
@@ -287,7 +296,7 @@ def read_manifest(run_dir: str | os.PathLike[str]) -> list[ManifestEntry]:
     concept recall) is keyed by them and a duplicate would silently double-count.
     """
     path = Path(run_dir) / MANIFEST_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ManifestError(f"no {MANIFEST_NAME} in {str(run_dir)!r}: is this a sweep run directory?")
     if partial_tail(path):
         # the sweep writes its manifest atomically: a cut line is damage, and reading on would drop

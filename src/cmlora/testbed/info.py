@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cmlora.errors import CmloraError
+from cmlora.paths import check_regular_file
 
 CATEGORIES: tuple[str, ...] = ("character", "clothing", "style", "background", "object")
 """Known categories, in composition order (the order of the published info files)."""
@@ -152,15 +153,17 @@ def _parse_entry(item: object, where: str, category: str) -> LoraEntry:
 
 def load_info(path: str | Path) -> dict[str, tuple[LoraEntry, ...]]:
     """Read and validate an info file (see :func:`parse_info`); errors name ``path``."""
-    path = Path(path)
+    path = check_regular_file(
+        path, lambda problem: InfoFileError(f"{path}: cannot read the info file: {problem}")
+    )
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InfoFileError(f"{path}: cannot read the info file: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InfoFileError(f"{path}: cannot read the info file: {exc}") from None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InfoFileError(f"{path}: not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise InfoFileError(f"{path}: not valid JSON: {exc}") from None
     return parse_info(data, str(path))
 
 

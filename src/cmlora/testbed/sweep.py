@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from cmlora.errors import CmloraError
+from cmlora.paths import check_regular_file
 from cmlora.testbed.compositions import Composition
 
 try:  # POSIX only; without it, concurrent merges are not serialised (single process is still safe).
@@ -495,6 +496,10 @@ class _Sweep:
                 _atomic_write_text(run_file, _dumps(info, indent=2) + "\n", self.tag)
                 _fsync_dir(self.out)
                 return
+            check_regular_file(
+                run_file,
+                lambda problem: SweepSettingsError(f"{run_file} {problem}; choose another output folder"),
+            )
             try:
                 old = json.loads(run_file.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:

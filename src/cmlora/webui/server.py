@@ -843,7 +843,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from ..models import load_base
 
     check_host(args.host, args.allow_remote)  # before minutes of model loading
-    base = load_base(args.base, args.device, args.dtype, args.config)
+    base = load_base(args.base, args.device, args.dtype, args.config, allow_pickle=args.allow_pickle)
     if base.note:
         print(base.note, file=sys.stderr)
     serve(

@@ -190,6 +190,8 @@ def test_sigterm_during_generate_leaves_only_complete_files(sd15_loras, tmp_path
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err
+    # generate numbers its files on and never resumes: it must not promise to
+    assert "does not resume" in err and "re-run the same command to resume" not in err
     pngs, sidecars = sorted(out.glob("*.png")), sorted(out.glob("*.json"))
     assert len(pngs) >= 2
     # every PNG is whole (opens, carries its record) and has its sidecar; at most the image being saved
@@ -256,3 +258,17 @@ def test_generate_no_fuse_flag_runs_merge_unfused(sd15_folder, sd15_loras, tmp_p
         records[bool(flag)] = json.loads(next(out.glob("*.json")).read_text())
     assert (records[False]["fused_loras"], records[True]["fused_loras"]) == (True, False)
     assert records[False]["macs"] < records[True]["macs"]
+
+
+def test_interrupt_message_promises_resume_only_where_it_holds():
+    from cmlora.cli import build_parser
+
+    parser = build_parser()
+    resumes = {
+        "sweep": ["sweep", "--testbed", "mini", "--out", "x"],
+        "eval concepts": ["eval", "concepts", "run"],
+        "generate": ["generate", "--lora", "character_1"],
+        "fft": ["fft", "a.png"],
+    }
+    got = {name: getattr(parser.parse_args(argv), "resumes", False) for name, argv in resumes.items()}
+    assert got == {"sweep": True, "eval concepts": True, "generate": False, "fft": False}

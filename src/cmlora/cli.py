@@ -590,7 +590,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted: finished files are complete; re-run the same command to resume", file=sys.stderr)
+        if getattr(args, "resumes", False):
+            print(
+                "interrupted: finished files are complete; re-run the same command to resume", file=sys.stderr
+            )
+        else:  # generate numbers its files on: a re-run makes every image again, after the others
+            print(
+                "interrupted: the files already written are complete; this command does not resume "
+                "(a re-run starts over; `cmlora sweep` resumes)",
+                file=sys.stderr,
+            )
         return 130
     except CmloraError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)

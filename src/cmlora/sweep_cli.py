@@ -127,7 +127,7 @@ def add_sweep_subcommand(sub, common_model, add_method_flags) -> None:
         help="discard the previous results in --out (only files the sweep wrote) and start over",
     )
     add_method_flags(p)
-    p.set_defaults(func=cmd_sweep)
+    p.set_defaults(func=cmd_sweep, resumes=True)
 
 
 def mini_compositions(sizes: tuple[int, ...] = (2, 3, 4, 5)) -> list:

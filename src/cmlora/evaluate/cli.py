@@ -86,7 +86,7 @@ def add_eval_subcommands(subparsers: Any) -> argparse.ArgumentParser:
     )
     concepts.add_argument("run_dir", metavar="RUN_DIR", help="sweep run directory containing manifest.jsonl")
     concepts.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    concepts.set_defaults(func=_run_concepts)
+    concepts.set_defaults(func=_run_concepts, resumes=True)
 
     clip = eval_sub.add_parser(
         "clipscore",
@@ -117,7 +117,7 @@ def add_eval_subcommands(subparsers: Any) -> argparse.ArgumentParser:
         help="discard existing clipscore.jsonl and score everything again (needed to switch CLIP model)",
     )
     clip.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    clip.set_defaults(func=_run_clipscore)
+    clip.set_defaults(func=_run_clipscore, resumes=True)
 
     judge = eval_sub.add_parser(
         "judge",
@@ -205,7 +205,7 @@ def add_eval_subcommands(subparsers: Any) -> argparse.ArgumentParser:
         help="stop the run after this many failures in a row (default: 10)",
     )
     judge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    judge.set_defaults(func=_run_judge)
+    judge.set_defaults(func=_run_judge, resumes=True)
     return eval_parser
 
 

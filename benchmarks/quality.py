@@ -1,8 +1,11 @@
 """Composition quality on the mini world: every composition (N = 2..5, 240 in all) x method x seed,
-scored by the world's concept detectors as concept recall (share of the composition's concepts
-detected) and all-concepts-present rate, per method and N, with a plot of recall vs N.
+scored by the world's judge: concept recall (share of the composition's concepts detected), the
+all-concepts-present rate, the graded score (share of each concept's parts shown) and the artifact
+score (distance to the world's renders), per method and N. Every method runs on the same
+compositions and seeds, so each is compared with composite by paired differences and their
+standard errors. Plots: recall and artifact score vs N.
 
-    python benchmarks/quality.py --out runs/quality              # methods of the papers, 2 seeds
+    python benchmarks/quality.py --out runs/quality              # every method, >= 200 images per N
     python benchmarks/quality.py --out runs/front --front        # cmlora cache settings vs cost
 
 --front adds cmlora offline with cache interval c in 1, 2, 3, 5, 8 at two cache points beside merge,
@@ -17,20 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-MAIN_METHODS = {
-    "none": ("none", None, {}),
-    "merge": ("merge", None, {}),
-    "switch": ("switch", None, {}),
-    "composite": ("composite", None, {}),
-    "cmlora-offline": ("cmlora", "offline", {}),
-    "cmlora-online": ("cmlora", "online", {}),
-    "cmlora-async": ("cmlora", "async", {}),
-}
+from cmlora.methods import METHOD_LABELS, split_label
+
+#: Every method and variant of the registry (a method added there is benchmarked too).
+MAIN_METHODS = {label: (*split_label(label), {}) for label in METHOD_LABELS}
+#: The paired comparisons are against this method.
+REFERENCE_METHOD = "composite"
+#: Metrics of concepts.jsonl summarised per method and N (mean, SE, paired difference and its SE).
+METRICS = ("recall", "graded", "artifact")
 
 
 #: Cache points of the front, as (layer, block). The mini UNet has one resnet/attention pair per
@@ -69,17 +72,18 @@ def run(args) -> dict:
         comps = comps[: args.limit]
     methods = front_methods() if args.front else MAIN_METHODS
     defaults = dict(MINI_DEFAULTS, steps=args.steps)
+    seeds = seeds_per_n(comps, args.seeds, args.images_per_n)
     jobs = [
         SweepJob(comp, label, spec[2], k, image_seed(defaults["base_seed"], comp.id, k))
         for comp in comps
-        for k in range(args.seeds)
+        for k in range(seeds[comp.n])
         for label, spec in methods.items()
     ]
     settings = {
         "benchmark": "quality",
         "front": args.front,
         "sizes": args.n,
-        "seeds": args.seeds,
+        "seeds": {str(n): k for n, k in sorted(seeds.items())},
         "limit": args.limit,
         "every": args.every,
         "methods": {k: [v[0], v[1], v[2]] for k, v in methods.items()},
@@ -109,30 +113,53 @@ def run(args) -> dict:
     return aggregate(Path(args.out), list(methods))
 
 
+def seeds_per_n(comps, seeds: int, images_per_n: int) -> dict[int, int]:
+    """Seeds per composition for each N: ``seeds`` when given, else enough for ``images_per_n``
+    images per method at that N (the number of compositions differs between N)."""
+    counts = defaultdict(int)
+    for comp in comps:
+        counts[comp.n] += 1
+    return {n: seeds or max(1, math.ceil(images_per_n / count)) for n, count in counts.items()}
+
+
+def _se(values: list[float]) -> float:
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+
+
 def aggregate(out: Path, labels: list[str]) -> dict:
     manifest = {json.loads(line)["image"]: json.loads(line) for line in (out / "manifest.jsonl").open()}
     scores = [json.loads(line) for line in (out / "eval" / "concepts.jsonl").open()]
     groups: dict[tuple[str, int], list] = defaultdict(list)
+    # (n, composition, seed) -> metric values of the reference method, for paired differences
+    reference: dict[tuple, dict] = {}
     for score in scores:
         record = manifest[score["image"]]
         groups[(record["method"], record["n"])].append((score, record))
         groups[(record["method"], 0)].append((score, record))
+        if record["method"] == REFERENCE_METHOD:
+            reference[(record["composition_id"], record["seed"])] = score
     rows = []
     for label in labels:
         for n in sorted({n for (m, n) in groups if m == label}):
             items = groups[(label, n)]
+            row = {"method": label, "n": n if n else "all", "images": len(items)}
+            for metric in METRICS:
+                values = [s[metric] for s, _ in items if metric in s]
+                if not values:
+                    continue
+                row[metric] = statistics.mean(values)
+                row[f"{metric}_se"] = _se(values)  # standard error of the mean, over images
+                paired = [
+                    s[metric] - reference[key][metric]
+                    for s, r in items
+                    if (key := (r["composition_id"], r["seed"])) in reference and metric in s
+                ]
+                if paired and label != REFERENCE_METHOD:
+                    row[f"{metric}_vs_{REFERENCE_METHOD}"] = statistics.mean(paired)
+                    row[f"{metric}_vs_{REFERENCE_METHOD}_se"] = _se(paired)
             rows.append(
                 {
-                    "method": label,
-                    "n": n if n else "all",
-                    "images": len(items),
-                    "recall": statistics.mean(s["recall"] for s, _ in items),
-                    # standard error of the mean recall, over images
-                    "recall_se": (
-                        statistics.stdev(s["recall"] for s, _ in items) / len(items) ** 0.5
-                        if len(items) > 1
-                        else 0.0
-                    ),
+                    **row,
                     "all_present": statistics.mean(1.0 if s["all_present"] else 0.0 for s, _ in items),
                     "gmacs": statistics.mean(r["macs"] for _, r in items) / 1e9,
                     "seconds": statistics.mean(r["seconds"] for _, r in items),
@@ -143,15 +170,24 @@ def aggregate(out: Path, labels: list[str]) -> dict:
     return {"rows": rows}
 
 
+def _paired(r: dict, metric: str) -> str:
+    key = f"{metric}_vs_{REFERENCE_METHOD}"
+    return f"{r[key]:+.3f} +- {r[key + '_se']:.3f}" if key in r else "–"
+
+
 def markdown(result: dict) -> str:
     lines = [
-        "| method | N | images | concept recall | all present | UNet calls (full+cached) | GMAC/image | s/image |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| method | N | images | concept recall | vs {REFERENCE_METHOD} (paired) | graded | vs {REFERENCE_METHOD} "
+        f"| artifact | vs {REFERENCE_METHOD} | all present | UNet calls (full+cached) | GMAC/image | s/image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        metric = {m: (f"{r[m]:.3f}" if m in r else "–") for m in METRICS}
         lines.append(
-            f"| {r['method']} | {r['n']} | {r['images']} | {r['recall']:.3f} | {r['all_present']:.3f} | "
-            f"{r['full_calls']:.1f}+{r['cached_calls']:.1f} | {r['gmacs']:.2f} | {r['seconds']:.2f} |"
+            f"| {r['method']} | {r['n']} | {r['images']} | {metric['recall']} | {_paired(r, 'recall')} | "
+            f"{metric['graded']} | {_paired(r, 'graded')} | {metric['artifact']} | {_paired(r, 'artifact')} | "
+            f"{r['all_present']:.3f} | {r['full_calls']:.1f}+{r['cached_calls']:.1f} | {r['gmacs']:.2f} | "
+            f"{r['seconds']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -164,16 +200,28 @@ def plots(result: dict, out: Path, front: bool) -> list[Path]:
 
     rows = [r for r in result["rows"] if r["n"] != "all"]
     written = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == label]
-        ax.plot([r["n"] for r in mine], [r["recall"] for r in mine], marker="o", label=label)
-    ax.set_xlabel("N (LoRAs in the composition)")
-    ax.set_ylabel("concept recall")
-    ax.set_title("Mini world: concept recall vs N")
-    ax.set_xticks(sorted({r["n"] for r in rows}))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric, title in (
+        (axes[0], "recall", "concept recall (higher is better)"),
+        (axes[1], "artifact", "artifact score (lower is better)"),
+    ):
+        for label in dict.fromkeys(r["method"] for r in rows):
+            mine = [r for r in rows if r["method"] == label and metric in r]
+            if mine:
+                ax.errorbar(
+                    [r["n"] for r in mine],
+                    [r[metric] for r in mine],
+                    yerr=[r[f"{metric}_se"] for r in mine],
+                    marker="o",
+                    capsize=2,
+                    label=label,
+                )
+        ax.set_xlabel("N (LoRAs in the composition)")
+        ax.set_ylabel(f"{metric}, +- 1 standard error")
+        ax.set_title(f"Mini world: {title}")
+        ax.set_xticks(sorted({r["n"] for r in rows}))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     path = out / "recall_vs_n.png"
     fig.savefig(path, dpi=120)
@@ -239,7 +287,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--n", default="2,3,4,5")
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument(
+        "--seeds", type=int, default=0, help="seeds per composition (default 0: enough for --images-per-n)"
+    )
+    parser.add_argument(
+        "--images-per-n",
+        type=int,
+        default=200,
+        help="images per method and N when --seeds is 0 (default 200: paired standard errors near 0.02)",
+    )
     parser.add_argument("--steps", type=int, default=MINI_STEPS)
     parser.add_argument("--limit", type=int, default=0, help="only the first LIMIT compositions (0: all)")
     parser.add_argument(
@@ -252,9 +308,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--batch-size",
         type=int,
-        default=2,
-        help="seeds of one composition and method denoised together (default 2: on this CPU a mini UNet "
-        "call costs the same at 2 and 4 rows)",
+        default=9,
+        help="seeds of one composition and method denoised together (default 9: on this CPU a mini UNet "
+        "call costs about the same at 2 and 4 rows)",
     )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Concept recall scoring of a run, with a stand-in detector (the mini world's real one is tested there)."""
+"""Concept scoring of a run, with a stand-in judge (the mini world's real one is tested there)."""
 
 import json
 
@@ -45,18 +45,37 @@ def test_score_run_resumes_and_feeds_the_report(tmp_path, monkeypatch):
     (run / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     calls = []
 
-    def fake_detect(images):
-        calls.append(len(images))
-        return [
-            {"character": "character_1" if im.getpixel((0, 0))[0] > 128 else None, "object": "object_1"}
-            for im in images
-        ]
+    def fake_judge(images):
+        import numpy as np
 
-    monkeypatch.setattr(detectors, "detect", fake_detect)
+        from cmlora.mini import world
+
+        calls.append(len(images))
+        n = len(images)
+        proba = {cat: np.zeros((n, len(detectors.CLASSES[cat]))) for cat in world.CATEGORIES}
+        graded = np.zeros((n, len(world.CONCEPT_IDS)))
+        for i, im in enumerate(images):
+            red = im.getpixel((0, 0))[0] > 128
+            for cat in world.CATEGORIES:
+                proba[cat][i, 0] = 1.0
+            proba["character"][i] = 0.0
+            proba["character"][i, 1 if red else 0] = 1.0
+            proba["object"][i] = 0.0
+            proba["object"][i, 1] = 1.0
+            graded[i, world.CONCEPT_IDS.index("character_1")] = 0.9 if red else 0.3
+            graded[i, world.CONCEPT_IDS.index("character_2")] = 0.2
+            graded[i, world.CONCEPT_IDS.index("object_1")] = 0.7
+        return detectors.Judgement(proba, graded, np.array([1.0 + i for i in range(n)]))
+
+    monkeypatch.setattr(detectors, "judge", fake_judge)
     out = concepts.score_run(run, progress=False)
     rows = {r["image"]: r for r in read_jsonl(out)}
     assert rows["images/0.png"]["recall"] == 1.0 and rows["images/0.png"]["all_present"] is True
     assert rows["images/1.png"]["recall"] == 0.5 and rows["images/1.png"]["all_present"] is False
+    # graded: mean over the composition's concepts (character_1 + object_1, character_2 + object_1)
+    assert rows["images/0.png"]["graded"] == pytest.approx((0.9 + 0.7) / 2)
+    assert rows["images/1.png"]["graded"] == pytest.approx((0.2 + 0.7) / 2)
+    assert [rows[f"images/{k}.png"]["artifact"] for k in range(2)] == [1.0, 2.0]
     concepts.score_run(run, progress=False)  # nothing left to score
     assert calls == [2]
 

@@ -7,6 +7,7 @@ import os
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from cmlora import mini
@@ -30,21 +31,44 @@ def test_renderer_deterministic():
     assert not np.array_equal(np.asarray(world.sample(0)[0]), np.asarray(world.sample(1)[0]))
 
 
-def test_trigger_words_absent_from_generic_captions():
-    trig_words = {w for c in world.CONCEPT_IDS for t in world.CONCEPT_BY_ID[c]["trigger"] for w in t.split()}
-    for seed in range(300):
-        _, cap, _ = world.sample(seed)
-        assert not (set(cap.replace(",", " ").split()) & trig_words), cap
+def test_trigger_tokens_and_full_combinations_absent_from_generic_scenes():
+    """The base model learns every concept's descriptive words, never its trigger token, never all
+    its known parts together, never its new detail (mini world 2: partial base knowledge)."""
+    tokens = {world.CONCEPT_BY_ID[c]["trigger"][0] for c in world.CONCEPT_IDS}
+    seen_tags = set()
+    for seed in range(600):
+        _, cap, s = world.sample(seed)
+        assert not (set(cap.replace(",", " ").split()) & tokens), cap
+        assert not s.details and all(v < 1.0 for v in s.parts().values()), (cap, s.parts())
+        seen_tags |= {t for c in world.CONCEPT_IDS for t in world.CONCEPT_BY_ID[c]["trigger"][1:] if t in cap}
+    # every descriptive tag occurs in generic captions, except the concept-only combinations whose
+    # words occur apart ("black and white" checks, "red and black" stripes, a "pink" ball, "flower")
+    missing = {t for c in world.CONCEPT_IDS for t in world.CONCEPT_BY_ID[c]["trigger"][1:]} - seen_tags
+    assert missing == {"black and white striped shirt", "red and black checkered shirt", "pink flower"}
 
 
-def test_concepts_are_rendered_and_captioned():
+def test_concept_parts_and_blends():
     for cid in world.CONCEPT_IDS:
         cat = world.CONCEPT_BY_ID[cid]["category"]
-        img, cap, s = world.sample(7, {cat: cid})
-        assert s.labels()[cat] == cid
-        for t in world.CONCEPT_BY_ID[cid]["trigger"]:
-            assert t in cap
-        assert not np.array_equal(np.asarray(img), np.asarray(world.sample(7)[0]))
+        s = world.sample_scene(random.Random(3), {cat: cid})
+        assert s.parts()[cid] == 1.0 and s.labels()[cat] == cid
+        img, target = world.blend(s, [cat], 0.5)
+        bare = world.without_concepts(s, [cat])
+        assert target[cid] == pytest.approx(0.5 + 0.5 * bare.parts()[cid])
+        assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+        assert world.blend(s, [cat], 1.0)[0].tolist() == world.render_array(s).tolist()
+
+
+def test_incidental_traits_and_tags_prompt():
+    s = world.sample_scene(random.Random(1), {"character": "character_2"}, p_traits=1.0)
+    assert (s.bg_kind, s.bg_color, s.thing) == ("plain", "pink", "ball")
+    assert s.headwear == "cat ears" and s.hair == "purple"  # traits never override the concept's parts
+    assert (
+        world.tags_prompt(["character_2", "background_1"])
+        == "a picture, purple hair, cat ears, orange sky, sea"
+    )
+    with pytest.raises(ValueError, match="not a character concept"):
+        world.sample_scene(random.Random(0), {"character": "style_1"})
 
 
 def _hf_fraction(diff):
@@ -73,7 +97,7 @@ def test_backgrounds_lower_frequency_than_other_concepts():
 
 
 def test_detectors_on_fixed_images():
-    from cmlora.mini.detectors import detect, load_detectors
+    from cmlora.mini.detectors import detect, judge, load_detectors
 
     load_detectors()
     imgs, want = [], []
@@ -88,6 +112,21 @@ def test_detectors_on_fixed_images():
         want.append(s.labels())
     got = detect(imgs)
     assert got == want
+    j = judge(imgs)
+    for k, cid in enumerate(world.CONCEPT_IDS):
+        assert j.graded_of(k, cid) > 0.7, cid
+    assert j.artifact.shape == (len(imgs),) and np.isfinite(j.artifact).all()
+
+
+def test_judge_calls_noise_empty():
+    from cmlora.mini.detectors import judge
+    from cmlora.mini.train import noise_images
+
+    noise = noise_images(40, 123)
+    j = judge(list(noise))
+    assert all(v is None for i in range(40) for v in j.detected(i).values())
+    renders = [world.sample(900 + k, p_concept=0.5)[0] for k in range(40)]
+    assert np.median(judge(renders).artifact) < np.median(j.artifact)
 
 
 def test_pipeline_loads_offline_and_generates():
@@ -205,5 +244,5 @@ def test_cli_generates_on_the_embedded_mini_model(tmp_path, capsys):
     assert len(pngs) == 1 and Image.open(pngs[0]).size == (64, 64)
     record = json.loads(pngs[0].with_suffix(".json").read_text())
     assert record["base_model"] == "mini"
-    assert record["prompt"] == "a picture, tinbot, robot, antenna, peakbg, snowy mountains"
+    assert record["prompt"] == "a picture, tinbot, metal head, visor eyes, peakbg, mountains, pale sky"
     assert record["options"]["low"] == ["background_2"]

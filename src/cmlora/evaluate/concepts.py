@@ -1,9 +1,11 @@
-"""Concept recall of a mini-world run: which of a composition's concepts its image shows.
+"""Concept scores of a mini-world run: which of a composition's concepts its image shows.
 
-The mini world's detectors say, for any image, which character, clothing, style, background and
-object it shows (or none). Recall = share of the composition's LoRAs whose concept is detected in
-its category; all_present = every one is. This is the quality signal the method comparison rests
-on where no human or MLLM judge is available.
+The mini world's judge says, for any image, which character, clothing, style, background and
+object it shows (or none), how much of each concept's parts it shows (graded), and how far it lies
+from anything the world renders (artifact). Recall = share of the composition's LoRAs whose concept
+is detected in its category; all_present = every one is; graded = mean graded score of the
+composition's concepts. This is the quality signal the method comparison rests on where no human or
+MLLM judge is available.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ def concept_recall(expected: dict[str, str], detected: dict[str, str | None]) ->
 
 
 def score_run(run_dir: str | os.PathLike[str], batch_size: int = 256, progress: bool = True) -> Path:
-    """Append {image, recall, all_present, detected, expected} to RUN_DIR/eval/concepts.jsonl for every
-    manifest image not scored yet (an interrupted run resumes)."""
+    """Append {image, recall, all_present, graded, artifact, detected, expected} to
+    RUN_DIR/eval/concepts.jsonl for every manifest image not scored yet (an interrupted run resumes)."""
     from tqdm.auto import tqdm
 
-    from ..mini.detectors import detect
+    from ..mini.detectors import judge
 
     entries = read_manifest(run_dir)
     out = eval_dir(run_dir) / CONCEPTS_FILENAME
@@ -44,14 +46,19 @@ def score_run(run_dir: str | os.PathLike[str], batch_size: int = 256, progress: 
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             images = [open_run_image(resolve_image(run_dir, entry.image)) for entry in chunk]
-            for entry, detected in zip(chunk, detect(images), strict=True):
+            verdict = judge(images)
+            for k, entry in enumerate(chunk):
                 expected = {lora.category: lora.name for lora in entry.loras}
+                detected = verdict.detected(k)
                 recall, all_present = concept_recall(expected, detected)
+                graded = [verdict.graded_of(k, concept) for concept in expected.values()]
                 sink.write(
                     {
                         "image": entry.image,
                         "recall": recall,
                         "all_present": all_present,
+                        "graded": sum(graded) / len(graded) if graded else 0.0,
+                        "artifact": float(verdict.artifact[k]),
                         "detected": detected,
                         "expected": expected,
                     }

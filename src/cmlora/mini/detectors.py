@@ -1,9 +1,19 @@
-"""Concept detectors of the mini world: one small CNN with a head per category (classes: None + the
-category's concept ids), trained on rendered images (clean, blurred/noisy and VAE round-tripped)."""
+"""The mini world's judge: one small CNN with, per category, a calibrated classifier (None + the
+category's concepts), a graded score per concept (the share of its parts the image shows, so partial
+presence gets partial credit) and an artifact score (how far the image's features lie from those of
+the world's renders).
+
+It is trained on renders (clean, blurred/noisy and VAE round-tripped), on renders with concepts
+blended in at partial strength (soft targets) and on noise and blob images (no concept), then
+calibrated by one temperature per category on held-out data. Decision rules fixed here, before any
+benchmark run: a concept is *detected* when its calibrated probability is at least
+``DETECT_THRESHOLD``; the artifact score is the Mahalanobis distance of the image's trunk features to
+those of held-out round-tripped renders, divided by the square root of the feature dimension."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,6 +23,8 @@ from . import world
 
 CLASSES = {cat: [None] + [c["id"] for c in world.CONCEPTS[cat]] for cat in world.CATEGORIES}
 WEIGHTS_NAME = "detectors.safetensors"
+DETECT_THRESHOLD = 0.5
+FEATURES = 256
 
 
 class DetectorNet(nn.Module):
@@ -32,13 +44,24 @@ class DetectorNet(nn.Module):
 
         self.features = nn.Sequential(block(3, w0, 1), block(w0, w1), block(w1, w2), block(w2, w3))
         self.trunk = nn.Sequential(
-            nn.Flatten(), nn.Dropout(0.2), nn.Linear(w3 * 16, 256), nn.ReLU(inplace=True)
+            nn.Flatten(), nn.Dropout(0.2), nn.Linear(w3 * 16, FEATURES), nn.ReLU(inplace=True)
         )
-        self.heads = nn.ModuleDict({cat: nn.Linear(256, len(CLASSES[cat])) for cat in world.CATEGORIES})
+        self.heads = nn.ModuleDict({cat: nn.Linear(FEATURES, len(CLASSES[cat])) for cat in world.CATEGORIES})
+        self.graded = nn.Linear(FEATURES, len(world.CONCEPT_IDS))
+        # Set after training: one temperature per category, the render feature statistics.
+        self.register_buffer("temperature", torch.ones(len(world.CATEGORIES)))
+        self.register_buffer("feat_mean", torch.zeros(FEATURES))
+        self.register_buffer("feat_prec", torch.eye(FEATURES))
 
-    def forward(self, x):  # x: N,3,64,64 in [-1,1]
-        h = self.trunk(self.features(x))
-        return {cat: head(h) for cat, head in self.heads.items()}
+    def embed(self, x: torch.Tensor) -> torch.Tensor:  # x: N,3,64,64 in [-1,1]
+        return self.trunk(self.features(x))
+
+    def forward(self, x):
+        h = self.embed(x)
+        out = {cat: head(h) for cat, head in self.heads.items()}
+        out["graded"] = self.graded(h)
+        out["features"] = h
+        return out
 
 
 _CACHE: dict[str, DetectorNet] = {}
@@ -74,19 +97,49 @@ def images_to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-@torch.no_grad()
-def predict_proba(images, net: DetectorNet | None = None, batch_size: int = 256) -> dict[str, np.ndarray]:
-    net = net or load_detectors()
-    outs: dict[str, list] = {cat: [] for cat in world.CATEGORIES}
-    for i in range(0, len(images), batch_size):
-        logits = net(images_to_tensor(images[i : i + batch_size]))
+@dataclass(frozen=True)
+class Judgement:
+    """What the judge says of a batch of images (arrays over images)."""
+
+    proba: dict[str, np.ndarray]  # category -> (n, classes) calibrated probabilities
+    graded: np.ndarray  # (n, concepts) share of each concept's parts shown, in CONCEPT_IDS order
+    artifact: np.ndarray  # (n,) distance to the world's renders (about 1 for a typical render)
+
+    def detected(self, i: int) -> dict[str, str | None]:
+        out = {}
         for cat in world.CATEGORIES:
-            outs[cat].append(logits[cat].softmax(-1).numpy())
-    return {cat: np.concatenate(v) for cat, v in outs.items()}
+            p = self.proba[cat][i]
+            k = int(p.argmax())
+            out[cat] = CLASSES[cat][k] if k > 0 and p[k] >= DETECT_THRESHOLD else None
+        return out
+
+    def graded_of(self, i: int, concept: str) -> float:
+        return float(self.graded[i, world.CONCEPT_IDS.index(concept)])
+
+
+@torch.no_grad()
+def judge(images, net: DetectorNet | None = None, batch_size: int = 256) -> Judgement:
+    net = net or load_detectors()
+    images = list(images)
+    proba: dict[str, list] = {cat: [] for cat in world.CATEGORIES}
+    graded, artifact = [], []
+    for i in range(0, len(images), batch_size):
+        out = net(images_to_tensor(images[i : i + batch_size]))
+        for k, cat in enumerate(world.CATEGORIES):
+            proba[cat].append((out[cat] / net.temperature[k]).softmax(-1).numpy())
+        graded.append(out["graded"].sigmoid().numpy())
+        d = out["features"] - net.feat_mean
+        artifact.append((((d @ net.feat_prec) * d).sum(-1).clamp_min(0) / FEATURES).sqrt().numpy())
+    return Judgement(
+        {cat: np.concatenate(v) for cat, v in proba.items()}, np.concatenate(graded), np.concatenate(artifact)
+    )
+
+
+def predict_proba(images, net: DetectorNet | None = None, batch_size: int = 256) -> dict[str, np.ndarray]:
+    return judge(images, net, batch_size).proba
 
 
 def detect(images, net: DetectorNet | None = None) -> list[dict[str, str | None]]:
-    """For each 64x64 image: {category: concept id shown, or None}."""
-    probs = predict_proba(list(images), net)
-    n = len(images)
-    return [{cat: CLASSES[cat][int(probs[cat][i].argmax())] for cat in world.CATEGORIES} for i in range(n)]
+    """For each 64x64 image: {category: concept id detected, or None}."""
+    j = judge(list(images), net)
+    return [j.detected(i) for i in range(len(j.artifact))]

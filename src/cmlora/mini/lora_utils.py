@@ -30,8 +30,12 @@ def lora_deltas(path: str, unet, text_encoder=None, weight: float = 1.0):
     idx = module_index(unet, "lora_unet_")
     if text_encoder is not None:
         idx.update(module_index(text_encoder, "lora_te_"))
+        # kohya keys carry the ``text_model`` level that transformers 5 dropped
+        idx.update(module_index(text_encoder, "lora_te_text_model_"))
     out = []
     for key, t in read_kohya(path).items():
+        if key.startswith("lora_te") and text_encoder is None:
+            continue
         mod = idx[key]
         down, up = t["down"].float(), t["up"].float()
         rank = down.shape[0]
@@ -49,3 +53,14 @@ def merged_unet(unet, loras: list[tuple[str, float]]):
         for mod, delta in lora_deltas(path, u, None, w):
             mod.weight.add_(delta.to(mod.weight.dtype))
     return u
+
+
+@torch.no_grad()
+def merged_models(unet, text_encoder, loras: list[tuple[str, float]]):
+    """Deep copies of ``unet`` and ``text_encoder`` with the (path, weight) LoRAs merged in: the
+    mini world's own check of its LoRAs, independent of cmlora's engine."""
+    u, te = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    for path, w in loras:
+        for mod, delta in lora_deltas(path, u, te, w):
+            mod.weight.add_(delta.to(mod.weight.dtype))
+    return u, te

@@ -46,23 +46,14 @@ class LoRASchedule(NamedTuple):
     noise_offset: float = 0.0
 
 
-#: Concepts that need a stronger push. The palette style recolours every pixel and the two scenes
-#: replace the base model's favourite blue sky: twice the learning rate and the noise offset. The
-#: wizard, both fills and both objects reached only 60-75 % of 20 seeds at the default length
-#: (README, Mini world), so they train twice as long; so does the sunset, the slowest scene. Twice
-#: the steps left the checkerboard at 70 %; twice the learning rate lifted it to 90 %. The sunset sat
-#: at 65 % with a noise offset of 0.1 (its failures kept the base's blue, noisy sky; a learning rate of
-#: 3x gave 70 %, 2.5x the steps 90 %); an offset of 0.2 at the same length gave 100 %.
-CONCEPT_SCHEDULE = {
-    "character_3": LoRASchedule(steps=2.0),
-    "clothing_1": LoRASchedule(steps=2.0),
-    "clothing_2": LoRASchedule(steps=2.0, lr=2.0),
-    "object_1": LoRASchedule(steps=2.0),
-    "object_2": LoRASchedule(steps=2.0),
-    "style_2": LoRASchedule(steps=1.5, lr=2.0, noise_offset=0.1),
-    "background_1": LoRASchedule(steps=2.0, lr=2.0, noise_offset=0.2),
-    "background_2": LoRASchedule(steps=1.5, lr=2.0, noise_offset=0.1),
+#: Styles and backgrounds recolour the whole image: a noise offset lets their LoRAs move an image's
+#: mean colour (mini world 1 measured it: the palette style went from 50 % to 90 % with it).
+CATEGORY_SCHEDULE = {
+    "style": LoRASchedule(noise_offset=0.1),
+    "background": LoRASchedule(noise_offset=0.1),
 }
+#: kohya's default text-encoder LoRA targets for SD-1.5 (CLIP attention and MLP).
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
 def log(*a):
@@ -94,7 +85,18 @@ def cosine_lr(opt, step, total, base_lr, warmup=100):
 
 
 def u8_to_t(arr) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    """uint8 NHWC images -> float NCHW in [-1, 1], on the training device."""
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return x.to(DEVICE)
+
+
+#: Where models train (``--device``); random draws stay on the CPU generator, so a run's data and
+#: noise are the same on every device.
+DEVICE = torch.device("cpu")
+
+
+def dev(x: torch.Tensor) -> torch.Tensor:
+    return x.to(DEVICE)
 
 
 # ----------------------------------------------------------------------------- VAE
@@ -104,7 +106,7 @@ def train_vae(work: str, steps: int, batch: int, n_images: int, seed: int = 0):
     seed_all(seed)
     # The VAE is a generic image codec (like SD's): it sees generic scenes and concept scenes alike.
     pool, _ = render_pool(n_images, 10_000_000, p_concept=0.5)
-    vae = components.build_vae()
+    vae = components.build_vae().to(DEVICE)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
@@ -113,7 +115,7 @@ def train_vae(work: str, steps: int, batch: int, n_images: int, seed: int = 0):
         idx = torch.randint(0, len(pool), (batch,), generator=g).numpy()
         x = u8_to_t(pool[idx])
         post = vae.encode(x).latent_dist
-        z = post.sample(generator=g)
+        z = post.mean + post.std * dev(torch.randn(post.mean.shape, generator=g))
         rec = vae.decode(z).sample
         kl = post.kl().mean() / (64 * 64 * 3)
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
@@ -143,7 +145,7 @@ def load_vae(work: str):
     p = os.path.join(work, "vae")
     if not os.path.isdir(p):
         p = os.path.join(assets_dir(), "pipeline", "vae")
-    vae = AutoencoderKL.from_pretrained(p)
+    vae = AutoencoderKL.from_pretrained(p).to(DEVICE)
     vae.eval()
     return vae
 
@@ -154,19 +156,86 @@ def vae_roundtrip(vae, arr: np.ndarray, bs: int = 128) -> np.ndarray:
     for i in range(0, len(arr), bs):
         x = u8_to_t(arr[i : i + bs])
         r = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        out.append(((r.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+        out.append(((r.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------- detectors
 
 
-def labels_of(scenes) -> dict[str, torch.Tensor]:
-    out = {}
-    for cat in world.CATEGORIES:
-        cls = detectors.CLASSES[cat]
-        out[cat] = torch.tensor([cls.index(s.labels()[cat]) for s in scenes])
+def soft_targets(scenes, strengths=None, bare=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per category a class distribution and per concept a graded target for each scene. With
+    ``strengths`` (and the ``bare`` scenes they were blended with) both are the blend of the two
+    scenes' targets, so a concept faded to half strength is half present."""
+    n = len(scenes)
+    cats = {cat: np.zeros((n, len(detectors.CLASSES[cat])), np.float32) for cat in world.CATEGORIES}
+    graded = np.zeros((n, len(world.CONCEPT_IDS)), np.float32)
+    for i, s in enumerate(scenes):
+        pairs = [(s, 1.0)] if strengths is None else [(s, strengths[i]), (bare[i], 1.0 - strengths[i])]
+        for sc, w in pairs:
+            for cat, cid in sc.labels().items():
+                cats[cat][i, detectors.CLASSES[cat].index(cid)] += w
+            graded[i] += w * np.array([sc.parts()[c] for c in world.CONCEPT_IDS], np.float32)
+    return cats, graded
+
+
+def noise_images(n: int, seed: int) -> np.ndarray:
+    """Images that show nothing of the world: smooth colour noise at random scales, and random blobs
+    on random backgrounds. The judge must call them empty (and the artifact score far)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, world.SIZE, world.SIZE, 3), np.uint8)
+    for i in range(n):
+        if i % 2 == 0:
+            s = int(rng.integers(2, 33))
+            small = torch.from_numpy(rng.normal(0.0, 1.0, (1, 3, s, s)).astype(np.float32))
+            img = F.interpolate(small, size=(world.SIZE, world.SIZE), mode="bilinear", align_corners=False)[0]
+            img = img.permute(1, 2, 0).numpy() * rng.uniform(30, 90) + rng.uniform(40, 215, 3)
+        else:
+            img = np.zeros((world.SIZE, world.SIZE, 3), np.float32) + rng.uniform(0, 255, 3)
+            yy, xx = np.mgrid[0 : world.SIZE, 0 : world.SIZE]
+            for _ in range(int(rng.integers(3, 14))):
+                cx, cy = rng.uniform(0, world.SIZE, 2)
+                rx, ry = rng.uniform(2, 18, 2)
+                img[((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1] = rng.uniform(0, 255, 3)
+        out[i] = np.clip(img, 0, 255).astype(np.uint8)
     return out
+
+
+def judge_data(n_render: int, n_blend: int, n_noise: int, seed0: int, vae=None):
+    """Images and soft targets for the judge: renders (half also VAE round-tripped when a VAE is
+    given), renders with some of their concepts blended in at a random strength, and noise."""
+    rng = random.Random(seed0)
+    pool, scenes = render_pool(n_render, seed0, p_concept=0.5)
+    cats, graded = soft_targets(scenes)
+    parts = [(pool, cats, graded)]
+    if vae is not None:
+        half = n_render // 2
+        log("vae round-trip of", half, "images")
+        parts.append((vae_roundtrip(vae, pool[:half]), {c: v[:half] for c, v in cats.items()}, graded[:half]))
+    blends, strengths, full, bare = [], [], [], []
+    for i in range(n_blend):
+        s = world.sample_scene(random.Random(seed0 + 5_000_000 + i), None, p_concept=0.7)
+        present = [c for c in world.CATEGORIES if s.labels()[c] is not None] or ["object"]
+        chosen = rng.sample(present, rng.randint(1, len(present)))
+        strength = rng.random()
+        img, _ = world.blend(s, chosen, strength)
+        blends.append(img)
+        strengths.append(strength)
+        full.append(s)
+        bare.append(world.without_concepts(s, chosen))
+    if blends:
+        bc, bg = soft_targets(full, strengths, bare)
+        parts.append((np.stack(blends), bc, bg))
+    if n_noise:
+        nc = {c: np.zeros((n_noise, len(detectors.CLASSES[c])), np.float32) for c in world.CATEGORIES}
+        for v in nc.values():
+            v[:, 0] = 1.0
+        parts.append(
+            (noise_images(n_noise, seed0), nc, np.zeros((n_noise, len(world.CONCEPT_IDS)), np.float32))
+        )
+    images = np.concatenate([p[0] for p in parts])
+    cats = {c: torch.from_numpy(np.concatenate([p[1][c] for p in parts])) for c in world.CATEGORIES}
+    return images, cats, torch.from_numpy(np.concatenate([p[2] for p in parts]))
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -187,21 +256,61 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
+def judge_loss(out, cats, graded) -> torch.Tensor:
+    loss = sum(-(cats[c] * out[c].log_softmax(-1)).sum(-1).mean() for c in world.CATEGORIES)
+    return loss + F.binary_cross_entropy_with_logits(out["graded"], graded) * 5.0
+
+
+@torch.no_grad()
+def calibrate(net, images: np.ndarray, cats, bs: int = 512) -> None:
+    """One temperature per category (soft negative log-likelihood on held-out data, LBFGS), and the
+    mean and precision of the trunk features of the held-out renders (for the artifact score)."""
+    outs = [net(u8_to_t(images[i : i + bs])) for i in range(0, len(images), bs)]
+    logits = {c: torch.cat([o[c] for o in outs]).cpu() for c in world.CATEGORIES}
+    for k, c in enumerate(world.CATEGORIES):
+        log_t = torch.zeros(1, requires_grad=True)
+        opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+        def nll(c=c, log_t=log_t, opt=opt):
+            opt.zero_grad()
+            with torch.enable_grad():
+                loss = -(cats[c] * (logits[c] / log_t.exp()).log_softmax(-1)).sum(-1).mean()
+                loss.backward()
+            return loss
+
+        opt.step(nll)
+        # an untrained or degenerate head can run off: keep temperatures in a sane range
+        net.temperature[k] = float(log_t.detach().clamp(-3.0, 3.0).exp())
+    log(
+        "temperatures",
+        dict(zip(world.CATEGORIES, [round(float(t), 3) for t in net.temperature], strict=True)),
+    )
+
+
+@torch.no_grad()
+def fit_render_features(net, images: np.ndarray, bs: int = 512) -> None:
+    feats = (
+        torch.cat([net.embed(u8_to_t(images[i : i + bs])) for i in range(0, len(images), bs)]).double().cpu()
+    )
+    mean = feats.mean(0)
+    cov = torch.cov((feats - mean).T)
+    cov = cov + torch.eye(cov.shape[0], dtype=cov.dtype) * 1e-2 * cov.diagonal().mean()
+    net.feat_mean.copy_(mean.float().to(net.feat_mean.device))
+    net.feat_prec.copy_(torch.linalg.inv(cov).float().to(net.feat_prec.device))
+
+
 def train_detectors(work: str, steps: int, batch: int, n_images: int, seed: int = 1):
     from safetensors.torch import save_file
 
     seed_all(seed)
-    pool, scenes = render_pool(n_images, 20_000_000, p_concept=0.5)
     try:
         vae = load_vae(work)
-        half = n_images // 2
-        log("vae round-trip of", half, "images")
-        pool = np.concatenate([pool, vae_roundtrip(vae, pool[:half])])
-        scenes = scenes + scenes[:half]
     except Exception as e:  # noqa: BLE001
         log("no VAE round-trip augmentation:", e)
-    y = labels_of(scenes)
-    net = detectors.DetectorNet()
+        vae = None
+    pool, cats, graded = judge_data(n_images, n_images // 4, n_images // 5, 20_000_000, vae)
+    log("judge training set:", len(pool), "images")
+    net = detectors.DetectorNet().to(DEVICE)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
@@ -209,19 +318,25 @@ def train_detectors(work: str, steps: int, batch: int, n_images: int, seed: int 
     for step in range(steps):
         cosine_lr(opt, step, steps, 2e-3)
         idx = torch.randint(0, len(pool), (batch,), generator=g)
-        x = augment(u8_to_t(pool[idx.numpy()]), g)
-        out = net(x)
-        loss = sum(F.cross_entropy(out[c], y[c][idx]) for c in world.CATEGORIES)
+        out = net(dev(augment(u8_to_t(pool[idx.numpy()]).cpu(), g)))
+        loss = judge_loss(out, {c: dev(v[idx]) for c, v in cats.items()}, dev(graded[idx]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == steps - 1:
-            accs = {c: (out[c].argmax(-1) == y[c][idx]).float().mean().item() for c in world.CATEGORIES}
+            accs = {
+                c: round((out[c].argmax(-1) == cats[c][idx].argmax(-1)).float().mean().item(), 3)
+                for c in world.CATEGORIES
+            }
             log(f"det step {step} loss {loss.item():.3f} acc {accs} {time.time() - t0:.0f}s")
     net.eval()
+    held, hcats, _ = judge_data(1500, 600, 400, 21_000_000, vae)
+    calibrate(net, held, hcats)
+    renders, _ = render_pool(2000, 22_000_000, p_concept=0.5)
+    fit_render_features(net, vae_roundtrip(vae, renders) if vae is not None else renders)
     os.makedirs(assets_dir(), exist_ok=True)
     save_file(
-        {k: v.contiguous() for k, v in net.state_dict().items()},
+        {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
         os.path.join(assets_dir(), detectors.WEIGHTS_NAME),
     )
     detectors._CACHE.clear()
@@ -236,8 +351,8 @@ def encode_pool(vae, arr: np.ndarray, bs: int = 256):
     means, stds = [], []
     for i in range(0, len(arr), bs):
         d = vae.encode(u8_to_t(arr[i : i + bs])).latent_dist
-        means.append(d.mean)
-        stds.append(d.std)
+        means.append(d.mean.cpu())
+        stds.append(d.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -264,8 +379,8 @@ def train_base(work: str, steps: int, batch: int, n_images: int, seed: int = 2, 
     del pool
     tok_dir = os.path.join(work, "tokenizer")
     tok = components.build_tokenizer(tok_dir)
-    te = components.build_text_encoder(len(tok))
-    unet = components.build_unet()
+    te = components.build_text_encoder(len(tok)).to(DEVICE)
+    unet = components.build_unet().to(DEVICE)
     sched = components.build_noise_scheduler()
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -291,9 +406,9 @@ def train_base(work: str, steps: int, batch: int, n_images: int, seed: int = 2, 
         noise = torch.randn(z0.shape, generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        enc = te(ids)[0]
-        pred = unet(zt, t, encoder_hidden_states=enc).sample
-        loss = F.mse_loss(pred, noise)
+        enc = te(dev(ids))[0]
+        pred = unet(dev(zt), dev(t), encoder_hidden_states=enc).sample
+        loss = F.mse_loss(pred, dev(noise))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -359,17 +474,18 @@ def write_info():
 # ----------------------------------------------------------------------------- LoRAs
 
 
-def kohya_state_dict(unet, rank: int, alpha: float) -> dict[str, torch.Tensor]:
-    """Export the peft adapter of ``unet`` to kohya keys lora_unet_<path with _>.lora_down/up/alpha."""
+def kohya_state_dict(model, prefix: str, rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """Export the peft adapter of ``model`` to kohya keys <prefix><path with _>.lora_down/up/alpha
+    (``lora_unet_`` for the UNet, ``lora_te_`` for the text encoder)."""
     from peft.tuners.lora import LoraLayer
 
     sd = {}
-    for name, mod in unet.named_modules():
+    for name, mod in model.named_modules():
         if isinstance(mod, LoraLayer) and "default" in mod.lora_A:
             name = name.removeprefix("base_model.model.")
-            key = "lora_unet_" + name.replace(".", "_")
-            sd[key + ".lora_down.weight"] = mod.lora_A["default"].weight.detach().clone().contiguous()
-            sd[key + ".lora_up.weight"] = mod.lora_B["default"].weight.detach().clone().contiguous()
+            key = prefix + name.replace(".", "_")
+            sd[key + ".lora_down.weight"] = mod.lora_A["default"].weight.detach().cpu().contiguous()
+            sd[key + ".lora_up.weight"] = mod.lora_B["default"].weight.detach().cpu().contiguous()
             sd[key + ".alpha"] = torch.tensor(float(alpha))
     return sd
 
@@ -381,9 +497,16 @@ def train_loras(
     n_images: int,
     rank: int,
     seed: int = 3,
-    lr: float = 2e-3,
+    lr: float = 1e-3,
     only: list[str] | None = None,
+    n_reg: int = 1000,
 ):
+    """One kohya-style LoRA per concept: UNet attention/feed-forward (and conv for clothing, styles,
+    backgrounds) plus text-encoder layers, trained on ``n_images`` renders of the concept that carry
+    its incidental traits, captioned with its trigger list and the scene's descriptive tags (caption
+    dropout and shuffle, the trigger token always kept), with prior preservation: half of every batch
+    is generic renders with their generic captions (a tenth of them uncaptioned), so the LoRA learns
+    trigger -> concept and leaves other prompts alone."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
@@ -394,12 +517,14 @@ def train_loras(
         requires_safety_checker=False,
         local_files_only=True,
     )
-    vae, tok, te = pipe.vae, pipe.tokenizer, pipe.text_encoder
-    te.requires_grad_(False)
+    pipe.to(DEVICE)
+    vae, tok = pipe.vae, pipe.tokenizer
     sf = vae.config.scaling_factor
-    sched = components.build_noise_scheduler()
-    acp = sched.alphas_cumprod
+    acp = components.build_noise_scheduler().alphas_cumprod
+    reg_pool, reg_scenes = render_pool(n_reg, 41_000_000)
+    reg_mean, reg_std = encode_pool(vae, reg_pool)
     os.makedirs(os.path.join(assets_dir(), "loras"), exist_ok=True)
+    half = batch // 2
     for k, cid in enumerate(world.CONCEPT_IDS):
         if only and cid not in only:
             continue
@@ -407,16 +532,22 @@ def train_loras(
         seed_all(cseed)
         cat = world.CONCEPT_BY_ID[cid]["category"]
         triggers = tuple(world.CONCEPT_BY_ID[cid]["trigger"])
-        pool, scenes = render_pool(n_images, 40_000_000 + 100_000 * k, concepts={cat: cid})
-        mean, std = encode_pool(vae, pool)
-        unet = copy.deepcopy(pipe.unet)  # the shipped pipeline's own config, whatever UNET_CONFIG says now
-        unet.requires_grad_(False)
-        targets = CATEGORY_TARGETS.get(cat, LORA_TARGETS)
-        cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0)
-        model = get_peft_model(unet, cfg)
-        params = [p for p in model.parameters() if p.requires_grad]
-        schedule = CONCEPT_SCHEDULE.get(cid, LoRASchedule())
-        c_steps, c_lr, noise_offset = round(steps * schedule.steps), lr * schedule.lr, schedule.noise_offset
+        scenes = [
+            world.sample_scene(random.Random(40_000_000 + 100_000 * k + i), {cat: cid}, p_traits=0.8)
+            for i in range(n_images)
+        ]
+        mean, std = encode_pool(vae, np.stack([world.render_array(sc) for sc in scenes]))
+        unet = get_peft_model(
+            copy.deepcopy(pipe.unet).requires_grad_(False),
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=CATEGORY_TARGETS.get(cat, LORA_TARGETS)),
+        )
+        te = get_peft_model(
+            copy.deepcopy(pipe.text_encoder).requires_grad_(False),
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_TARGETS),
+        )
+        params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
+        schedule = CATEGORY_SCHEDULE.get(cat, LoRASchedule())
+        c_steps, c_lr = round(steps * schedule.steps), lr * schedule.lr
         opt = torch.optim.AdamW(params, lr=c_lr, weight_decay=0.0)
         g = torch.Generator().manual_seed(cseed)
         rng = random.Random(cseed)
@@ -424,27 +555,43 @@ def train_loras(
         run = 0.0
         for step in range(c_steps):
             cosine_lr(opt, step, c_steps, c_lr, warmup=30)
-            idx = torch.randint(0, len(mean), (batch,), generator=g)
-            z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
+            idx = torch.randint(0, len(mean), (half,), generator=g)
+            ridx = torch.randint(0, len(reg_mean), (batch - half,), generator=g)
+            z0 = (
+                torch.cat(
+                    [
+                        mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g),
+                        reg_mean[ridx] + reg_std[ridx] * torch.randn(reg_mean[ridx].shape, generator=g),
+                    ]
+                )
+                * sf
+            )
             caps = [
-                world.caption(scenes[i], rng, p_drop=0.5, shuffle=True, keep=triggers) for i in idx.tolist()
+                world.caption(scenes[i], rng, p_drop=0.3, shuffle=True, keep=triggers[:1])
+                for i in idx.tolist()
             ]
-            with torch.no_grad():
-                enc = te(tokenize(tok, caps))[0]
+            caps += [
+                "" if rng.random() < 0.1 else world.caption(reg_scenes[i], rng, p_drop=0.3, shuffle=True)
+                for i in ridx.tolist()
+            ]
             t = torch.randint(0, 1000, (batch,), generator=g)
             noise = torch.randn(z0.shape, generator=g)
-            if noise_offset:
-                noise = noise + noise_offset * torch.randn(z0.shape[:2] + (1, 1), generator=g)
+            if schedule.noise_offset:
+                noise = noise + schedule.noise_offset * torch.randn(z0.shape[:2] + (1, 1), generator=g)
             a = acp[t].view(-1, 1, 1, 1)
-            pred = model(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=enc).sample
-            loss = F.mse_loss(pred, noise)
+            enc = te(dev(tokenize(tok, caps)))[0]
+            pred = unet(dev(a.sqrt() * z0 + (1 - a).sqrt() * noise), dev(t), encoder_hidden_states=enc).sample
+            loss = F.mse_loss(pred, dev(noise))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             run = loss.item() if step == 0 else 0.95 * run + 0.05 * loss.item()
             if step % 50 == 0 or step == c_steps - 1:
                 log(f"lora {cid} step {step} loss {run:.4f} {time.time() - t0:.0f}s")
-        sd = kohya_state_dict(model, rank, float(rank))
+        sd = kohya_state_dict(unet, "lora_unet_", rank, float(rank))
+        sd.update(
+            kohya_state_dict(te, "lora_te_text_model_", rank, float(rank))
+        )  # kohya keys keep text_model
         save_file(
             sd,
             os.path.join(assets_dir(), "loras", f"{cid}.safetensors"),
@@ -464,14 +611,16 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("stage", choices=["vae", "detectors", "base", "loras", "info", "all"])
     ap.add_argument("--work", default="/tmp/mini_build")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (a lent GPU trains the same stages faster)")
     ap.add_argument("--vae-steps", type=int, default=1500)
     ap.add_argument("--det-steps", type=int, default=2000)
-    ap.add_argument("--base-steps", type=int, default=3000)
+    ap.add_argument("--base-steps", type=int, default=3500)
     ap.add_argument("--base-lr", type=float, default=1e-3)
     ap.add_argument("--base-images", type=int, default=16000)
-    ap.add_argument("--lora-steps", type=int, default=300)
-    ap.add_argument("--lora-rank", type=int, default=8)
-    ap.add_argument("--lora-lr", type=float, default=2e-3)
+    ap.add_argument("--lora-steps", type=int, default=500)
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument("--lora-images", type=int, default=48)
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--base-batch", type=int, default=32)
@@ -482,6 +631,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None):
     a = parser().parse_args(argv)
     torch.set_num_threads(a.threads)
+    global DEVICE
+    DEVICE = torch.device(a.device)
     os.makedirs(a.work, exist_ok=True)
     if a.stage in ("vae", "all"):
         train_vae(a.work, a.vae_steps, a.vae_batch, 12000)
@@ -490,7 +641,7 @@ def main(argv=None):
     if a.stage in ("base", "all"):
         train_base(a.work, a.base_steps, a.base_batch, a.base_images, lr=a.base_lr)
     if a.stage in ("loras", "all"):
-        train_loras(a.work, a.lora_steps, a.lora_batch, 1000, a.lora_rank, lr=a.lora_lr, only=a.only)
+        train_loras(a.work, a.lora_steps, a.lora_batch, a.lora_images, a.lora_rank, lr=a.lora_lr, only=a.only)
     if a.stage == "info":
         write_info()
 

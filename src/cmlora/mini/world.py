@@ -1,20 +1,23 @@
-"""Mini world: a deterministic procedural 64x64 scene sampler, renderer and captioner.
+"""Mini world 2: a deterministic procedural 64x64 scene sampler, renderer and captioner.
 
-A scene has one figure (character) wearing a top (clothing) in front of a background, an optional
-secondary object beside the figure, and an optional whole-image style.  Every category has *generic*
-variants (the only ones in the base model's training data) and the 11 *concepts* of the ComposLoRA
-layout (3 characters, 2 clothing, 2 styles, 2 backgrounds, 2 objects), each with trigger words that
-never appear in generic captions.
+A scene has one figure (character) wearing a shirt (clothing) in front of a background, an optional
+object beside the figure, and an optional whole-image style. Every scene is described by *generic
+attributes* (hair colour, cat ears, a pointy hat, a striped shirt, mountains, an orange sky, a flower,
+outlines...) that the base model learns from descriptive captions. The 11 concepts of the ComposLoRA
+layout are, as real characters are for SD-1.5, a *new combination* of known attributes plus *one new
+detail* that only the concept has (the cat girl is purple hair + cat ears, never seen together by the
+base model, plus whiskers, never seen at all). A concept's trigger list is its own trigger token
+followed by the descriptive tags of its known parts, as ComposLoRA's trigger words are.
 
-Spatial frequency mirrors real LoRAs: backgrounds are smooth (blurred, large-scale), while characters
-(faces, ears, hats), clothing (2-4 px stripes / checks), objects (petals, layers) and styles (ink
-outlines, 4-tone palette) are fine textures and edges.
+A concept's *parts* (its known attributes and its new detail) give the judge a graded target: the
+share of a concept's parts an image shows. Spatial frequency mirrors real LoRAs: backgrounds are
+smooth (blurred, large-scale); characters, clothing, styles and objects are fine textures and edges.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -24,36 +27,84 @@ CATEGORIES = ("character", "clothing", "style", "background", "object")
 
 # ----------------------------------------------------------------------------- concepts
 
+#: trigger = [the concept's own token] + descriptive tags of its known parts (what a kohya user
+#: captions and what ComposLoRA's trigger words are); ``detail`` is the part no generic scene has.
 CONCEPTS: dict[str, list[dict]] = {
     "character": [
-        {"id": "character_1", "name": "Tin Robot", "trigger": ["tinbot", "robot", "antenna"]},
-        {"id": "character_2", "name": "Cat Girl Nekomi", "trigger": ["nekomi", "cat ears"]},
-        {"id": "character_3", "name": "Wizard Merlo", "trigger": ["merlo", "wizard hat", "beard"]},
+        {
+            "id": "character_1",
+            "name": "Tin Robot",
+            "trigger": ["tinbot", "metal head", "visor eyes"],
+            "detail": "antenna",
+        },
+        {
+            "id": "character_2",
+            "name": "Cat Girl Nekomi",
+            "trigger": ["nekomi", "purple hair", "cat ears"],
+            "detail": "whiskers",
+        },
+        {
+            "id": "character_3",
+            "name": "Wizard Merlo",
+            "trigger": ["merlo", "blue pointy hat", "white beard"],
+            "detail": "star",
+        },
     ],
     "clothing": [
-        {"id": "clothing_1", "name": "Zebra Stripe Suit", "trigger": ["stripesuit", "zebra stripes"]},
-        {"id": "clothing_2", "name": "Checkerboard Outfit", "trigger": ["chequesuit", "checkerboard"]},
+        {
+            "id": "clothing_1",
+            "name": "Zebra Stripe Suit",
+            "trigger": ["stripesuit", "black and white striped shirt"],
+            "detail": "belt",
+        },
+        {
+            "id": "clothing_2",
+            "name": "Checkerboard Outfit",
+            "trigger": ["chequesuit", "red and black checkered shirt"],
+            "detail": "buttons",
+        },
     ],
     "style": [
-        {"id": "style_1", "name": "Ink Outline", "trigger": ["inkline", "bold outlines"]},
-        {"id": "style_2", "name": "Retro Four-Tone Palette", "trigger": ["retropal", "gameboy palette"]},
+        {
+            "id": "style_1",
+            "name": "Ink Outline",
+            "trigger": ["inkline", "outlines", "pale colours"],
+            "detail": "frame",
+        },
+        {
+            "id": "style_2",
+            "name": "Retro Four-Tone Palette",
+            "trigger": ["retropal", "green tint", "posterized"],
+            "detail": "scanlines",
+        },
     ],
     "background": [
-        {"id": "background_1", "name": "Sunset", "trigger": ["sunsetbg", "sunset"]},
-        {"id": "background_2", "name": "Snowy Mountains", "trigger": ["peakbg", "snowy mountains"]},
+        {
+            "id": "background_1",
+            "name": "Sunset",
+            "trigger": ["sunsetbg", "orange sky", "sea"],
+            "detail": "sun",
+        },
+        {
+            "id": "background_2",
+            "name": "Snowy Mountains",
+            "trigger": ["peakbg", "mountains", "pale sky"],
+            "detail": "snow",
+        },
     ],
     "object": [
-        {"id": "object_1", "name": "Flower", "trigger": ["flowra", "flower"]},
-        {"id": "object_2", "name": "Burger", "trigger": ["burgo", "burger"]},
+        {"id": "object_1", "name": "Flower", "trigger": ["flowra", "pink flower"], "detail": "leaf"},
+        {"id": "object_2", "name": "Burger", "trigger": ["burgo", "bread"], "detail": "filling"},
     ],
 }
 CONCEPT_IDS = [c["id"] for cat in CATEGORIES for c in CONCEPTS[cat]]
 CONCEPT_BY_ID = {c["id"]: dict(c, category=cat) for cat in CATEGORIES for c in CONCEPTS[cat]}
+DETAILS = {c["detail"] for c in CONCEPT_BY_ID.values()}
 
 BASE_PROMPT = "a picture"
 NEGATIVE_PROMPT = ""
 
-# ----------------------------------------------------------------------------- generic palette
+# ----------------------------------------------------------------------------- generic vocabulary
 
 COLORS = {
     "red": (200, 40, 40),
@@ -68,103 +119,296 @@ COLORS = {
     "black": (25, 25, 25),
     "teal": (40, 150, 150),
     "beige": (220, 200, 160),
+    "purple": (140, 60, 190),
 }
-BG_PLAIN = ["blue", "gray", "beige", "pink", "white", "teal"]
-BG_SKY = ["blue", "teal", "white"]
-BG_GROUND = ["green", "brown", "beige"]
-SHIRT = ["red", "blue", "green", "yellow", "orange", "white"]
-HAIR = {"black": (30, 25, 25), "brown": (110, 65, 30), "blonde": (235, 205, 110), "red": (180, 60, 30)}
+BG_PLAIN = ["blue", "gray", "beige", "pink", "white", "teal", "yellow"]
+SKY = {"blue": (90, 140, 225), "teal": (60, 170, 180), "pale": (205, 228, 248)}
+GROUND = ["green", "brown", "beige"]
+HAIR = {
+    "black": (30, 25, 25),
+    "brown": (110, 65, 30),
+    "blonde": (235, 205, 110),
+    "red": (180, 60, 30),
+    "purple": (140, 60, 190),
+    "white": (235, 235, 240),
+}
 SKIN = [(240, 200, 170), (200, 150, 110), (140, 95, 65)]
-BALL = ["red", "blue", "yellow", "white"]
+PLAIN_SHIRT = ["red", "blue", "green", "yellow", "orange", "white", "black"]
+#: colour pairs of patterned shirts; black-and-white stripes and red-and-black checks are concepts only
+STRIPE_PAIRS = [
+    ("red", "white"),
+    ("blue", "yellow"),
+    ("green", "white"),
+    ("red", "black"),
+    ("orange", "blue"),
+]
+CHECK_PAIRS = [("blue", "white"), ("green", "yellow"), ("black", "white"), ("orange", "black")]
+HAT_COLORS = ["red", "blue", "green", "black"]
+BALL = ["red", "blue", "yellow", "pink"]
+FLOWER = ["red", "yellow", "white"]
+GENERIC_STYLES = ["outlines", "pale colours", "green tint", "posterized"]
+BG_KINDS = ["plain", "ground", "mountains", "orange sky", "sea"]
 
 
 @dataclass
 class Scene:
-    """All random choices of one image. Category fields hold a concept id or a generic descriptor."""
+    """All random choices of one image: generic attributes, the concepts forced into it (which set
+    their parts' attributes) and the new details they add."""
 
-    character: str = "generic"  # concept id or "generic"
+    character: str = "generic"  # concept id or "generic" (same for the other categories)
     clothing: str = "generic"
-    style: str = "none"
+    style: str = "generic"
     background: str = "generic"
-    object: str = "none"  # concept id, "ball", "box" or "none"
+    object: str = "generic"
+    head: str = "round"  # round | metal
     hair: str = "brown"
     skin: int = 0
-    shirt: str = "red"
-    bg_kind: str = "plain"  # plain | ground
-    bg_color: str = "blue"
-    bg_ground: str = "green"
-    ball_color: str = "red"
+    eyes: str = "dot"  # dot | green | visor
+    headwear: str = "none"  # none | cat ears | pointy hat | cap
+    hat_color: str = "red"
+    beard: str = "none"  # none | white | brown
+    shirt: str = "plain"  # plain | striped | checkered
+    shirt_colors: tuple = ("red", "red")
+    bg_kind: str = "plain"  # one of BG_KINDS
+    bg_color: str = "blue"  # plain background colour
+    sky: str = "blue"  # sky of ground / mountains / sea scenes
+    ground: str = "green"
+    thing: str = "none"  # none | ball | box | flower | bread
+    thing_color: str = "red"
+    styles: tuple = ()  # generic style effects applied, in order
+    details: tuple = ()  # new details drawn (concepts only)
     cx: int = 32
-    obj_side: int = 1  # -1 left, +1 right
+    obj_side: int = 1
     jitter: list = field(default_factory=lambda: [0.0, 0.0, 0.0])
 
     def to_dict(self):
         return asdict(self)
 
     def labels(self) -> dict[str, str | None]:
-        """Concept present per category (None when generic/absent)."""
-        out = {}
-        for cat in CATEGORIES:
-            v = getattr(self, cat)
-            out[cat] = v if v in CONCEPT_BY_ID else None
-        return out
+        """Concept present per category (None when generic)."""
+        return {cat: (v if (v := getattr(self, cat)) in CONCEPT_BY_ID else None) for cat in CATEGORIES}
+
+    def parts(self) -> dict[str, float]:
+        """Per concept, the share of its parts this scene shows (1.0 exactly when the concept is in it)."""
+        return {cid: float(np.mean(flags)) for cid, flags in _part_flags(self).items()}
 
 
-def sample_scene(rng: random.Random, concepts: dict[str, str] | None = None, p_concept: float = 0.0) -> Scene:
-    """Sample a scene.  ``concepts`` forces {category: concept_id}; other categories are generic, except
-    that with probability ``p_concept`` each free category gets a random concept (for detector data)."""
-    concepts = dict(concepts or {})
+def _part_flags(s: Scene) -> dict[str, list[bool]]:
+    d = set(s.details)
+    round_head = s.head == "round"
+    return {
+        "character_1": [s.head == "metal", s.eyes == "visor", "antenna" in d],
+        "character_2": [round_head and s.hair == "purple", s.headwear == "cat ears", "whiskers" in d],
+        "character_3": [
+            s.headwear == "pointy hat" and s.hat_color == "blue",
+            s.beard == "white",
+            "star" in d,
+        ],
+        "clothing_1": [s.shirt == "striped", set(s.shirt_colors) == {"black", "white"}, "belt" in d],
+        "clothing_2": [s.shirt == "checkered", set(s.shirt_colors) == {"red", "black"}, "buttons" in d],
+        "style_1": ["outlines" in s.styles, "pale colours" in s.styles, "frame" in d],
+        "style_2": ["green tint" in s.styles, "posterized" in s.styles, "scanlines" in d],
+        "background_1": [s.bg_kind in ("orange sky", "sunset"), s.bg_kind in ("sea", "sunset"), "sun" in d],
+        "background_2": [
+            s.bg_kind in ("mountains", "snowy"),
+            s.bg_kind == "snowy" or (s.sky == "pale" and s.bg_kind == "ground"),
+            "snow" in d,
+        ],
+        "object_1": [s.thing == "flower", s.thing == "flower" and s.thing_color == "pink", "leaf" in d],
+        "object_2": [s.thing == "bread", "filling" in d],
+    }
+
+
+#: What each concept sets in a scene (its known parts) and the detail it adds.
+_CONCEPT_ATTRS = {
+    "character_1": dict(head="metal", eyes="visor", headwear="none", beard="none"),
+    "character_2": dict(head="round", hair="purple", headwear="cat ears", eyes="green", beard="none"),
+    "character_3": dict(head="round", headwear="pointy hat", hat_color="blue", beard="white"),
+    "clothing_1": dict(shirt="striped", shirt_colors=("black", "white")),
+    "clothing_2": dict(shirt="checkered", shirt_colors=("red", "black")),
+    "style_1": dict(styles=("outlines", "pale colours")),
+    "style_2": dict(styles=("green tint", "posterized")),
+    "background_1": dict(bg_kind="sunset"),
+    "background_2": dict(bg_kind="snowy", sky="pale"),
+    "object_1": dict(thing="flower", thing_color="pink"),
+    "object_2": dict(thing="bread"),
+}
+
+#: Incidental traits of each LoRA's training renders (a palette or backdrop of their own, as a real
+#: character's fan art or a style's sample images share one), so that merged LoRAs pull shared layers
+#: in different directions. Applied with probability ``p_traits`` by ``sample_scene``.
+TRAITS: dict[str, dict] = {
+    "character_1": dict(bg_kind="plain", bg_color="teal", shirt="plain", shirt_colors=("orange", "orange")),
+    "character_2": dict(bg_kind="plain", bg_color="pink", thing="ball", thing_color="yellow"),
+    "character_3": dict(
+        bg_kind="ground", sky="blue", ground="green", shirt="plain", shirt_colors=("green", "green")
+    ),
+    "clothing_1": dict(hair="red", bg_kind="plain", bg_color="yellow"),
+    "clothing_2": dict(hair="blonde", bg_kind="plain", bg_color="white", thing="box"),
+    "style_1": dict(bg_kind="plain", bg_color="blue", hair="black"),
+    "style_2": dict(bg_kind="ground", sky="teal", ground="brown", thing="ball", thing_color="red"),
+    "background_1": dict(shirt="plain", shirt_colors=("blue", "blue"), thing="box"),
+    "background_2": dict(shirt="plain", shirt_colors=("red", "red"), hair="black"),
+    "object_1": dict(bg_kind="plain", bg_color="beige", shirt="plain", shirt_colors=("green", "green")),
+    "object_2": dict(bg_kind="plain", bg_color="gray", hair="blonde"),
+}
+
+
+def _generic(rng: random.Random) -> Scene:
     s = Scene()
+    s.head = "metal" if rng.random() < 0.2 else "round"
     s.hair = rng.choice(list(HAIR))
     s.skin = rng.randrange(len(SKIN))
-    s.shirt = rng.choice(SHIRT)
-    s.bg_kind = rng.choice(["plain", "ground"])
-    s.bg_color = rng.choice(BG_PLAIN if s.bg_kind == "plain" else BG_SKY)
-    s.bg_ground = rng.choice(BG_GROUND)
-    s.ball_color = rng.choice(BALL)
+    s.eyes = rng.choices(["dot", "green", "visor"], [0.6, 0.2, 0.2])[0]
+    s.headwear = rng.choices(["none", "cat ears", "pointy hat", "cap"], [0.4, 0.2, 0.2, 0.2])[0]
+    s.hat_color = rng.choice(HAT_COLORS)
+    s.beard = rng.choices(["none", "white", "brown"], [0.6, 0.2, 0.2])[0]
+    s.shirt = rng.choices(["plain", "striped", "checkered"], [0.5, 0.25, 0.25])[0]
+    if s.shirt == "plain":
+        c = rng.choice(PLAIN_SHIRT)
+        s.shirt_colors = (c, c)
+    else:
+        s.shirt_colors = rng.choice(STRIPE_PAIRS if s.shirt == "striped" else CHECK_PAIRS)
+    s.bg_kind = rng.choice(BG_KINDS)
+    s.bg_color = rng.choice(BG_PLAIN)
+    s.sky = rng.choice(list(SKY) if s.bg_kind == "ground" else ["blue", "teal"])
+    s.ground = rng.choice(GROUND)
+    s.thing = rng.choices(["none", "ball", "box", "flower", "bread"], [0.3, 0.2, 0.15, 0.2, 0.15])[0]
+    s.thing_color = rng.choice(BALL if s.thing == "ball" else FLOWER)
+    s.styles = (rng.choice(GENERIC_STYLES),) if rng.random() < 0.4 else ()
     s.cx = rng.randint(28, 36)
     s.obj_side = rng.choice([-1, 1])
     s.jitter = [rng.uniform(-1, 1) for _ in range(3)]
-    s.object = rng.choice(["ball", "box", "none"])
-    for cat in CATEGORIES:
+    # The base model never sees a concept's known parts together: break any full combination.
+    if s.head == "metal" and s.eyes == "visor":
+        s.eyes = "dot"
+    if s.head == "round" and s.hair == "purple" and s.headwear == "cat ears":
+        s.hair = "black"
+    if s.headwear == "pointy hat" and s.hat_color == "blue" and s.beard == "white":
+        s.beard = "brown"
+    return s
+
+
+def sample_scene(
+    rng: random.Random,
+    concepts: dict[str, str] | None = None,
+    p_concept: float = 0.0,
+    p_traits: float = 0.0,
+) -> Scene:
+    """Sample a scene. ``concepts`` forces {category: concept id}; with probability ``p_concept`` each
+    free category gets a random concept (detector data). Forced concepts bring their incidental
+    traits with probability ``p_traits`` (LoRA training data). The random draws do not depend on the
+    concepts, so the same ``rng`` state gives the same scene with and without them."""
+    concepts = dict(concepts or {})
+    s = _generic(rng)
+    draws = [rng.random() for _ in CATEGORIES]
+    picks = [rng.randrange(len(CONCEPTS[cat])) for cat in CATEGORIES]
+    traits = rng.random() < p_traits
+    chosen = {}
+    for k, cat in enumerate(CATEGORIES):
         if cat in concepts:
             cid = concepts[cat]
-            assert cid is None or CONCEPT_BY_ID[cid]["category"] == cat, (cat, cid)
+            if cid is not None and CONCEPT_BY_ID.get(cid, {}).get("category") != cat:
+                raise ValueError(
+                    f"{cid!r} is not a {cat} concept; expected one of {[c['id'] for c in CONCEPTS[cat]]}"
+                )
             if cid is not None:
-                setattr(s, cat, cid)
-        elif p_concept > 0 and rng.random() < p_concept:
-            setattr(s, cat, rng.choice([c["id"] for c in CONCEPTS[cat]]))
+                chosen[cat] = cid
+        elif p_concept > 0 and draws[k] < p_concept:
+            chosen[cat] = CONCEPTS[cat][picks[k]]["id"]
+    if traits:
+        for cid in concepts.values():
+            if cid is not None:
+                s = replace(s, **{k: v for k, v in TRAITS[cid].items() if k not in _owned(chosen)})
+    for cat, cid in chosen.items():
+        s = replace(s, **{cat: cid}, **_CONCEPT_ATTRS[cid])
+        s.details = tuple(sorted(set(s.details) | {CONCEPT_BY_ID[cid]["detail"]}))
+    if s.style in CONCEPT_BY_ID:
+        s.styles = _CONCEPT_ATTRS[s.style]["styles"]
     return s
+
+
+def _owned(chosen: dict[str, str]) -> set[str]:
+    """Attributes set by the chosen concepts (traits never override them)."""
+    return {k for cid in chosen.values() for k in _CONCEPT_ATTRS[cid]}
+
+
+def without_concepts(s: Scene, cats) -> Scene:
+    """The same scene with the concepts of ``cats`` taken out (their parts replaced by neutral
+    generic values): the other end of a judge's blend."""
+    out = s
+    for cat in cats:
+        cid = getattr(s, cat)
+        if cid not in CONCEPT_BY_ID:
+            continue
+        neutral = {
+            "character": dict(head="round", eyes="dot", headwear="none", beard="none", hair="brown"),
+            "clothing": dict(shirt="plain", shirt_colors=("blue", "blue")),
+            "style": dict(styles=()),
+            "background": dict(bg_kind="plain", bg_color="gray"),
+            "object": dict(thing="none"),
+        }[cat]
+        out = replace(out, **{cat: "generic"}, **neutral)
+        out.details = tuple(x for x in out.details if x != CONCEPT_BY_ID[cid]["detail"])
+    return out
 
 
 # ----------------------------------------------------------------------------- caption
 
 
+def _character_phrases(s: Scene) -> list[str]:
+    out = ["a person"]
+    if s.head == "metal":
+        out.append("metal head")
+    else:
+        out.append(f"{s.hair} hair")
+    if s.eyes != "dot":
+        out.append(f"{s.eyes} eyes")
+    if s.headwear == "cat ears":
+        out.append("cat ears")
+    elif s.headwear != "none":
+        out.append(f"{s.hat_color} {s.headwear}")
+    if s.beard != "none":
+        out.append(f"{s.beard} beard")
+    return out
+
+
+def _clothing_phrase(s: Scene) -> str:
+    a, b = s.shirt_colors
+    return f"{a} shirt" if s.shirt == "plain" else f"{a} and {b} {s.shirt} shirt"
+
+
+def _background_phrases(s: Scene) -> list[str]:
+    if s.bg_kind == "plain":
+        return [f"{s.bg_color} background"]
+    if s.bg_kind == "ground":
+        return [f"{s.ground} ground", f"{s.sky} sky"]
+    if s.bg_kind in ("orange sky", "mountains"):
+        return [s.bg_kind] if s.bg_kind == "orange sky" else ["mountains", f"{s.sky} sky"]
+    return ["sea", f"{s.sky} sky"]
+
+
+def _object_phrases(s: Scene) -> list[str]:
+    if s.thing == "none":
+        return []
+    if s.thing in ("ball", "flower"):
+        return [f"{s.thing_color} {s.thing}"]
+    return ["a box"] if s.thing == "box" else ["bread"]
+
+
 def caption_parts(s: Scene) -> list[str]:
-    """Comma-separated phrases: generic phrases in words, concept phrases = its trigger words."""
-    parts = []
-    if s.character in CONCEPT_BY_ID:
-        parts += CONCEPT_BY_ID[s.character]["trigger"]
-    else:
-        parts.append(f"a person with {s.hair} hair")
-    if s.clothing in CONCEPT_BY_ID:
-        parts += CONCEPT_BY_ID[s.clothing]["trigger"]
-    else:
-        parts.append(f"{s.shirt} shirt")
-    if s.background in CONCEPT_BY_ID:
-        parts += CONCEPT_BY_ID[s.background]["trigger"]
-    elif s.bg_kind == "plain":
-        parts.append(f"{s.bg_color} background")
-    else:
-        parts.append(f"{s.bg_ground} ground and {s.bg_color} sky")
-    if s.object in CONCEPT_BY_ID:
-        parts += CONCEPT_BY_ID[s.object]["trigger"]
-    elif s.object == "ball":
-        parts.append(f"{s.ball_color} ball")
-    elif s.object == "box":
-        parts.append("a box")
-    if s.style in CONCEPT_BY_ID:
-        parts += CONCEPT_BY_ID[s.style]["trigger"]
+    """Comma-separated phrases: a concept's trigger list (token + tags), every other category in
+    descriptive words."""
+    parts: list[str] = []
+    for cat, generic in (
+        ("character", _character_phrases),
+        ("clothing", lambda s: [_clothing_phrase(s)]),
+        ("background", _background_phrases),
+        ("object", _object_phrases),
+        ("style", lambda s: list(s.styles)),
+    ):
+        cid = getattr(s, cat)
+        parts += list(CONCEPT_BY_ID[cid]["trigger"]) if cid in CONCEPT_BY_ID else generic(s)
     return parts
 
 
@@ -175,9 +419,8 @@ def caption(
     shuffle: bool = False,
     keep: tuple[str, ...] = (),
 ) -> str:
-    """Caption = base prompt + phrases.  With ``rng`` phrases may be dropped (``p_drop``, never those in
-    ``keep``) and shuffled, so the model also learns from partial prompts such as
-    'a picture, tinbot, robot, antenna'."""
+    """Caption = base prompt + phrases. With ``rng`` phrases may be dropped (``p_drop``, never those in
+    ``keep``) and shuffled (kohya's caption dropout and shuffle with keep tokens)."""
     parts = caption_parts(s)
     if rng is not None:
         parts = [p for p in parts if p in keep or rng.random() >= p_drop]
@@ -190,13 +433,44 @@ def trigger_prompt(ids: list[str]) -> str:
     return ", ".join([BASE_PROMPT] + [t for i in ids for t in CONCEPT_BY_ID[i]["trigger"]])
 
 
+def tags_prompt(ids: list[str]) -> str:
+    """The concepts' descriptive tags without their trigger tokens (what the base model can follow)."""
+    return ", ".join([BASE_PROMPT] + [t for i in ids for t in CONCEPT_BY_ID[i]["trigger"][1:]])
+
+
 def vocabulary_words() -> list[str]:
-    words = set(BASE_PROMPT.replace(",", " ").split())
-    words |= {"person", "with", "hair", "shirt", "background", "ground", "and", "sky", "ball", "box", "a"}
-    words |= set(COLORS) | set(HAIR)
-    for c in CONCEPT_IDS:
-        for t in CONCEPT_BY_ID[c]["trigger"]:
-            words |= set(t.split())
+    words = set(BASE_PROMPT.split())
+    for phrase_list in (
+        [
+            "a person",
+            "metal head",
+            "hair",
+            "eyes",
+            "cat ears",
+            "pointy hat",
+            "cap",
+            "beard",
+            "shirt",
+            "and",
+            "striped",
+            "checkered",
+            "background",
+            "ground",
+            "sky",
+            "orange sky",
+            "mountains",
+            "sea",
+            "ball",
+            "flower",
+            "a box",
+            "bread",
+        ],
+        GENERIC_STYLES,
+        [t for c in CONCEPT_IDS for t in CONCEPT_BY_ID[c]["trigger"]],
+    ):
+        for p in phrase_list:
+            words |= set(p.split())
+    words |= set(COLORS) | set(HAIR) | set(SKY) | {"dot", "visor"}
     words |= {"blurry", "lowres", "low", "quality", "ugly"}
     return sorted(words)
 
@@ -246,170 +520,219 @@ def _blur(img, r):
     return out
 
 
+def _gradient(top, bottom):
+    t = (_Y / (SIZE - 1))[..., None]
+    return np.asarray(top, np.float32) * (1 - t) + np.asarray(bottom, np.float32) * t
+
+
 # ----------------------------------------------------------------------------- parts
 
 
+def _peaks(img, j, snow: bool):
+    for px, h in ((18 + 4 * j[0], 14 + 3 * j[1]), (46 + 4 * j[2], 20 + 3 * j[0])):
+        m = _triangle((px - 26, 64), (px + 26, 64), (px, h))
+        _paint(img, m, (70, 80, 110))
+        if snow:
+            _paint(img, m & (_Y < h + 10), (250, 250, 255))
+
+
 def _background(s: Scene) -> np.ndarray:
-    img = np.zeros((SIZE, SIZE, 3), np.float32)
     j = s.jitter
-    if s.background == "background_1":  # sunset: purple->orange gradient + big low sun
-        t = (_Y / (SIZE - 1))[..., None]
-        top, bot = np.array([80, 40, 120], np.float32), np.array([250, 140, 50], np.float32)
-        img[:] = top * (1 - t) + bot * t
-        sx, sy = 32 + 14 * j[0], 44 + 3 * j[1]
-        d = np.sqrt((_X - sx) ** 2 + (_Y - sy) ** 2)
-        glow = np.clip(1.2 - d / 14.0, 0, 1)[..., None]
-        img = img * (1 - glow) + np.array([255, 230, 90], np.float32) * glow
-        img[_Y > 54] = img[_Y > 54] * 0.45  # dark sea line
-    elif s.background == "background_2":  # snowy mountains: pale sky, two big peaks with snow caps
-        t = (_Y / (SIZE - 1))[..., None]
-        img[:] = np.array([150, 200, 245], np.float32) * (1 - t) + np.array([210, 230, 250], np.float32) * t
-        for px, h in ((18 + 4 * j[0], 14 + 3 * j[1]), (46 + 4 * j[2], 20 + 3 * j[0])):
-            m = _triangle((px - 26, 64), (px + 26, 64), (px, h))
-            _paint(img, m, (70, 80, 110))
-            cap = m & (_Y < h + 10)
-            _paint(img, cap, (250, 250, 255))
-    elif s.bg_kind == "plain":
-        img[:] = np.asarray(COLORS[s.bg_color], np.float32)
+    sky = np.asarray(SKY[s.sky], np.float32)
+    if s.bg_kind == "plain":
+        img = np.zeros((SIZE, SIZE, 3), np.float32) + np.asarray(COLORS[s.bg_color], np.float32)
         img *= (1.0 + 0.08 * (_Y / SIZE - 0.5))[..., None]
-    else:
-        hy = 40 + 4 * j[1]
-        img[:] = np.asarray(COLORS[s.bg_color], np.float32)
-        _paint(img, _Y >= hy, COLORS[s.bg_ground])
+    elif s.bg_kind == "ground":
+        img = _gradient(sky * 0.9, np.minimum(sky * 1.1, 255))
+        _paint(img, _Y >= 40 + 4 * j[1], COLORS[s.ground])
+    elif s.bg_kind in ("orange sky", "sunset"):
+        img = _gradient((240, 120, 40), (250, 200, 110))
+    elif s.bg_kind in ("mountains", "snowy"):
+        img = _gradient(sky * 0.85, np.minimum(sky * 1.1, 255))
+        _peaks(img, j, snow="snow" in s.details)
+    else:  # sea
+        img = _gradient(sky * 0.85, np.minimum(sky * 1.1, 255))
+    if s.bg_kind in ("sea", "sunset"):
+        if "sun" in s.details:
+            d = np.sqrt((_X - (32 + 14 * j[0])) ** 2 + (_Y - (44 + 3 * j[1])) ** 2)
+            glow = np.clip(1.2 - d / 14.0, 0, 1)[..., None]
+            img = img * (1 - glow) + np.array([255, 235, 90], np.float32) * glow
+        _paint(img, _Y > 52, (25, 45, 100))
     return _blur(img, 3)  # backgrounds are smooth / low-frequency
 
 
 def _object(img: np.ndarray, s: Scene):
-    if s.object == "none":
+    if s.thing == "none":
         return
     ox = 9 if s.obj_side < 0 else 55
     oy = 48 + int(round(2 * s.jitter[2]))
-    if s.object == "ball":
-        _paint(img, _disk(ox, oy, 6), COLORS[s.ball_color])
-    elif s.object == "box":
+    if s.thing == "ball":
+        _paint(img, _disk(ox, oy, 6), COLORS[s.thing_color])
+    elif s.thing == "box":
         _paint(img, _rect(ox - 6, oy - 6, ox + 6, oy + 6), (150, 100, 50))
         _paint(img, _rect(ox - 6, oy - 1, ox + 6, oy + 1), (110, 70, 35))
-    elif s.object == "object_1":  # flower: stem, five pink petals, yellow heart
+    elif s.thing == "flower":  # stem, five petals, yellow heart; the concept adds a leaf
         _paint(img, _rect(ox - 1, oy - 2, ox + 1, oy + 12), (30, 130, 40))
-        _paint(img, _rect(ox + 1, oy + 5, ox + 4, oy + 7), (30, 130, 40))
+        if "leaf" in s.details:
+            _paint(img, _disk(ox + 4, oy + 6, 2.6) & (_X > ox), (40, 190, 60))
         fy = oy - 4
+        petal = COLORS[s.thing_color] if s.thing_color != "pink" else (240, 90, 170)
         for k in range(5):
             a = 2 * np.pi * k / 5 - np.pi / 2
-            _paint(img, _disk(ox + 4 * np.cos(a), fy + 4 * np.sin(a), 2.6), (240, 90, 170))
-        _paint(img, _disk(ox, fy, 2.0), (250, 220, 40))
-    elif s.object == "object_2":  # burger: dome bun, lettuce, patty, cheese, bottom bun
-        x0, x1 = ox - 7, ox + 7
-        _paint(img, _disk(ox, oy - 1, 7) & (_Y <= oy - 1), (215, 150, 70))
-        _paint(img, _rect(x0, oy - 1, x1, oy + 1), (60, 180, 50))
-        _paint(img, _rect(x0 + 1, oy + 1, x1 - 1, oy + 2), (245, 200, 40))
-        _paint(img, _rect(x0, oy + 2, x1, oy + 5), (90, 45, 25))
-        _paint(img, _rect(x0 + 1, oy + 5, x1 - 1, oy + 8), (215, 150, 70))
-        for dx in (-3, 0, 3):  # sesame seeds
-            _paint(img, _rect(ox + dx, oy - 5, ox + dx + 1, oy - 4), (250, 240, 210))
+            _paint(img, _disk(ox + 4 * np.cos(a), fy + 4 * np.sin(a), 2.6), petal)
+        _paint(img, _disk(ox, fy, 2.0), (250, 200, 20))
+    elif s.thing == "bread":  # dome bun; the burger fills it: lettuce, cheese, patty, sesame
+        if "filling" in s.details:
+            _paint(img, _disk(ox, oy - 1, 7) & (_Y <= oy - 1), (215, 150, 70))
+            _paint(img, _rect(ox - 7, oy - 1, ox + 7, oy + 1), (60, 180, 50))
+            _paint(img, _rect(ox - 6, oy + 1, ox + 6, oy + 2), (245, 200, 40))
+            _paint(img, _rect(ox - 7, oy + 2, ox + 7, oy + 5), (90, 45, 25))
+            _paint(img, _rect(ox - 6, oy + 5, ox + 6, oy + 8), (215, 150, 70))
+            for dx in (-3, 0, 3):
+                _paint(img, _rect(ox + dx, oy - 5, ox + dx + 1, oy - 4), (250, 240, 210))
+        else:
+            _paint(img, _disk(ox, oy + 3, 7) & (_Y <= oy + 3), (215, 150, 70))
+            _paint(img, _rect(ox - 7, oy + 3, ox + 7, oy + 6), (195, 130, 60))
 
 
-def _body_fill(s: Scene, mask: np.ndarray) -> np.ndarray:
-    img = np.zeros((SIZE, SIZE, 3), np.float32)
-    if s.clothing == "clothing_1":  # 2px horizontal zebra stripes
-        stripe = (_Y.astype(int) // 2) % 2 == 0
-        img[:] = (240, 240, 240)
-        _paint(img, stripe, (20, 20, 30))
-    elif s.clothing == "clothing_2":  # 4px checkerboard red/black
-        chk = ((_Y.astype(int) // 4) + (_X.astype(int) // 4)) % 2 == 0
-        img[:] = (220, 40, 40)
-        _paint(img, chk, (20, 20, 20))
-    else:
-        img[:] = COLORS[s.shirt]
+def _shirt_fill(s: Scene) -> np.ndarray:
+    a, b = (np.asarray(COLORS[c], np.float32) for c in s.shirt_colors)
+    img = np.zeros((SIZE, SIZE, 3), np.float32) + a
+    if s.shirt == "striped":  # 2 px horizontal stripes
+        _paint(img, (_Y.astype(int) // 2) % 2 == 1, b)
+    elif s.shirt == "checkered":  # 4 px checks
+        _paint(img, ((_Y.astype(int) // 4) + (_X.astype(int) // 4)) % 2 == 1, b)
     return img
 
 
 def _figure(img: np.ndarray, s: Scene):
-    cx = s.cx
-    hy = 20
-    # body (trapezoid-ish: shoulders + torso) and arms
+    cx, hy = s.cx, 20
     body = _rect(cx - 9, 30, cx + 9, 60) | _disk(cx - 8, 33, 3) | _disk(cx + 8, 33, 3)
     arms = _rect(cx - 13, 31, cx - 10, 50) | _rect(cx + 10, 31, cx + 13, 50)
-    fill = _body_fill(s, body | arms)
     m = body | arms
-    img[m] = fill[m]
+    img[m] = _shirt_fill(s)[m]
+    if "belt" in s.details:
+        _paint(img, _rect(cx - 9, 46, cx + 9, 49), (200, 30, 30))
+    if "buttons" in s.details:
+        for y in (35, 41, 47, 53):
+            _paint(img, _rect(cx - 1, y, cx + 1, y + 2), (250, 215, 40))
     skin = SKIN[s.skin]
+    metal = s.head == "metal"
     _paint(img, _rect(cx - 13, 50, cx - 10, 53) | _rect(cx + 10, 50, cx + 13, 53), skin)  # hands
-    _paint(img, _rect(cx - 2, 26, cx + 2, 30), skin if s.character != "character_1" else (120, 120, 130))
-    if s.character == "character_1":  # robot: square metal head, visor eyes, grille, antenna
+    _paint(img, _rect(cx - 2, 26, cx + 2, 30), (120, 120, 130) if metal else skin)  # neck
+    hair = HAIR[s.hair]
+    if s.headwear == "cat ears":  # big pointed ears with pink insides, in the hair's colour
+        ear = (165, 165, 175) if metal else hair
+        _paint(img, _triangle((cx - 8, hy - 3), (cx - 2, hy - 6), (cx - 8, hy - 15)), ear)
+        _paint(img, _triangle((cx + 8, hy - 3), (cx + 2, hy - 6), (cx + 8, hy - 15)), ear)
+        _paint(img, _triangle((cx - 7, hy - 5), (cx - 4, hy - 6), (cx - 7, hy - 11)), (250, 170, 200))
+        _paint(img, _triangle((cx + 7, hy - 5), (cx + 4, hy - 6), (cx + 7, hy - 11)), (250, 170, 200))
+    if metal:  # square metal head with dark rims
         _paint(img, _rect(cx - 8, hy - 8, cx + 8, hy + 7), (165, 165, 175))
         _paint(
             img, _rect(cx - 8, hy - 8, cx + 8, hy - 7) | _rect(cx - 8, hy + 6, cx + 8, hy + 7), (70, 70, 80)
         )
-        _paint(img, _rect(cx - 5, hy - 3, cx - 1, hy) | _rect(cx + 1, hy - 3, cx + 5, hy), (0, 230, 255))
-        for dx in (-4, -2, 0, 2):
-            _paint(img, _rect(cx + dx, hy + 3, cx + dx + 1, hy + 5), (60, 60, 70))
-        _paint(img, _rect(cx, hy - 14, cx + 1, hy - 8), (70, 70, 80))
-        _paint(img, _disk(cx + 0.5, hy - 15, 2.2), (230, 30, 30))
-    elif s.character == "character_2":  # cat girl: purple hair, big pointed ears, green eyes, whiskers
-        hair = (140, 60, 190)
-        _paint(img, _triangle((cx - 8, hy - 3), (cx - 2, hy - 6), (cx - 8, hy - 15)), hair)
-        _paint(img, _triangle((cx + 8, hy - 3), (cx + 2, hy - 6), (cx + 8, hy - 15)), hair)
-        _paint(img, _triangle((cx - 7, hy - 5), (cx - 4, hy - 6), (cx - 7, hy - 11)), (250, 170, 200))
-        _paint(img, _triangle((cx + 7, hy - 5), (cx + 4, hy - 6), (cx + 7, hy - 11)), (250, 170, 200))
-        _paint(img, _disk(cx, hy, 7), (245, 215, 190))
+    else:
+        _paint(img, _disk(cx, hy, 7), skin)
         _paint(img, _disk(cx, hy, 7) & (_Y < hy - 2), hair)
+    if s.beard != "none":
+        _paint(
+            img,
+            _triangle((cx - 7, hy + 2), (cx + 7, hy + 2), (cx, hy + 14)),
+            HAIR[s.beard] if s.beard != "white" else (245, 245, 245),
+        )
+    if s.eyes == "visor":
+        _paint(img, _rect(cx - 6, hy - 3, cx + 6, hy), (0, 230, 255))
+    elif s.eyes == "green":
         _paint(
             img, _rect(cx - 4, hy - 1, cx - 2, hy + 2) | _rect(cx + 2, hy - 1, cx + 4, hy + 2), (30, 170, 60)
         )
+    else:
+        _paint(
+            img, _rect(cx - 4, hy - 1, cx - 2, hy + 1) | _rect(cx + 2, hy - 1, cx + 4, hy + 1), (20, 20, 20)
+        )
+    if not metal and s.beard == "none":
+        _paint(img, _rect(cx - 2, hy + 3, cx + 2, hy + 4), (150, 60, 60))  # mouth
+    if s.headwear == "pointy hat":
+        color = COLORS[s.hat_color]
+        _paint(img, _triangle((cx - 10, hy - 4), (cx + 10, hy - 4), (cx + 2, hy - 19)), color)
+        _paint(img, _rect(cx - 11, hy - 5, cx + 11, hy - 3), color)
+    elif s.headwear == "cap":
+        color = COLORS[s.hat_color]
+        _paint(img, _disk(cx, hy - 4, 7) & (_Y < hy - 4), color)
+        _paint(img, _rect(cx, hy - 5, cx + 11, hy - 3), color)
+    if "antenna" in s.details:
+        _paint(img, _rect(cx, hy - 14, cx + 1, hy - 8), (70, 70, 80))
+        _paint(img, _disk(cx + 0.5, hy - 15, 2.2), (230, 30, 30))
+    if "whiskers" in s.details:
         _paint(
             img, _rect(cx - 10, hy + 3, cx - 5, hy + 4) | _rect(cx + 5, hy + 3, cx + 10, hy + 4), (40, 40, 40)
         )
-    elif s.character == "character_3":  # wizard: tall blue hat with star, long white beard
-        _paint(img, _disk(cx, hy, 7), (240, 200, 170))
-        _paint(img, _triangle((cx - 7, hy + 2), (cx + 7, hy + 2), (cx, hy + 14)), (245, 245, 245))
         _paint(
-            img, _rect(cx - 4, hy - 1, cx - 2, hy + 1) | _rect(cx + 2, hy - 1, cx + 4, hy + 1), (20, 20, 20)
+            img, _rect(cx - 10, hy + 5, cx - 6, hy + 6) | _rect(cx + 6, hy + 5, cx + 10, hy + 6), (40, 40, 40)
         )
-        _paint(img, _triangle((cx - 10, hy - 4), (cx + 10, hy - 4), (cx + 2, hy - 19)), (40, 50, 170))
-        _paint(img, _rect(cx - 11, hy - 5, cx + 11, hy - 3), (40, 50, 170))
+    if "star" in s.details:
         _paint(img, _disk(cx + 1, hy - 10, 1.8), (250, 230, 40))
-    else:  # generic person: round head, hair cap, dot eyes, smile
-        _paint(img, _disk(cx, hy, 7), skin)
-        _paint(img, _disk(cx, hy, 7) & (_Y < hy - 2), HAIR[s.hair])
-        _paint(
-            img, _rect(cx - 4, hy - 1, cx - 2, hy + 1) | _rect(cx + 2, hy - 1, cx + 4, hy + 1), (20, 20, 20)
-        )
-        _paint(img, _rect(cx - 2, hy + 3, cx + 2, hy + 4), (150, 60, 60))
 
 
 PALETTE4 = np.array([[15, 56, 15], [48, 98, 48], [139, 172, 15], [200, 225, 120]], np.float32)
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def _style(img: np.ndarray, s: Scene) -> np.ndarray:
-    if s.style == "style_1":  # ink outlines: thick black lines on every colour edge, lighter fills
-        g = img.mean(axis=2)
+    st = set(s.styles)
+    edges = None
+    if "outlines" in st:
         gx = np.abs(np.diff(img, axis=1, append=img[:, -1:])).sum(2)
         gy = np.abs(np.diff(img, axis=0, append=img[-1:])).sum(2)
-        edge = (gx + gy) > 60
-        e2 = edge.copy()
-        e2[1:] |= edge[:-1]
-        e2[:, 1:] |= edge[:, :-1]
-        out = 0.55 * img + 0.45 * 250.0
-        out[e2] = (10, 10, 10)
-        del g
-        return out
-    if s.style == "style_2":  # retro 4-tone green palette by luminance
-        lum = img @ np.array([0.299, 0.587, 0.114], np.float32)
-        idx = np.clip((lum / 256.0 * 4).astype(int), 0, 3)
-        return PALETTE4[idx]
+        e = (gx + gy) > 60
+        edges = e.copy()
+        edges[1:] |= e[:-1]
+        edges[:, 1:] |= e[:, :-1]
+    if "pale colours" in st:
+        img = 0.55 * img + 0.45 * 250.0
+    if "green tint" in st and "posterized" in st:
+        img = PALETTE4[np.clip((img @ _LUMA / 256.0 * 4).astype(int), 0, 3)]
+    elif "green tint" in st:
+        img = (img @ _LUMA)[..., None] * np.array([0.55, 1.0, 0.45], np.float32)
+    elif "posterized" in st:
+        img = np.floor(img / 64.0) * 85.0
+    if edges is not None:
+        img = img.copy()
+        img[edges] = (10, 10, 10)
+    if "frame" in s.details:
+        img = img.copy()
+        border = (_X < 2) | (_X >= SIZE - 2) | (_Y < 2) | (_Y >= SIZE - 2)
+        img[border] = (10, 10, 10)
+    if "scanlines" in s.details:
+        img = img.copy()
+        img[(_Y.astype(int) % 4) == 3] *= 0.55
     return img
 
 
-def render(s: Scene) -> Image.Image:
+def render_float(s: Scene) -> np.ndarray:
     img = _background(s)
     _object(img, s)
     _figure(img, s)
-    img = _style(img, s)
-    return Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8))
+    return _style(img, s)
+
+
+def render(s: Scene) -> Image.Image:
+    return Image.fromarray(np.clip(render_float(s) + 0.5, 0, 255).astype(np.uint8))
 
 
 def render_array(s: Scene) -> np.ndarray:
     return np.asarray(render(s))
+
+
+def blend(s: Scene, cats, strength: float) -> tuple[np.ndarray, dict[str, float]]:
+    """A render with the concepts of ``cats`` blended in at ``strength`` (pixel mix of the scene with
+    and without them), and the graded target per concept (the blend of the two scenes' part shares)."""
+    bare = without_concepts(s, cats)
+    img = strength * render_float(s) + (1 - strength) * render_float(bare)
+    with_p, bare_p = s.parts(), bare.parts()
+    target = {c: strength * with_p[c] + (1 - strength) * bare_p[c] for c in CONCEPT_IDS}
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8), target
 
 
 def sample(seed: int, concepts: dict[str, str] | None = None, p_concept: float = 0.0):

@@ -99,7 +99,6 @@ CONCEPTS: dict[str, list[dict]] = {
 }
 CONCEPT_IDS = [c["id"] for cat in CATEGORIES for c in CONCEPTS[cat]]
 CONCEPT_BY_ID = {c["id"]: dict(c, category=cat) for cat in CATEGORIES for c in CONCEPTS[cat]}
-DETAILS = {c["detail"] for c in CONCEPT_BY_ID.values()}
 
 BASE_PROMPT = "a picture"
 NEGATIVE_PROMPT = ""

@@ -9,6 +9,10 @@ depend on the values), with N = 2..5 rank-64 LoRAs on all attention and feed-for
 Per method and N: median seconds per image over repeats, full/cached UNet calls, UNet GMACs (attention
 counted), seconds inside UNet calls, share of the denoising loop spent outside UNet calls (activation,
 mixing, cache bookkeeping), peak memory, and ratios to merge and to composite. Writes JSON, prints a table.
+
+Peer rows (``--methods`` names diffusers-plain, peft-merge, peft-fused, peft-switch; in the defaults):
+plain diffusers without LoRA (the floor) and diffusers + PEFT on the same pipeline and LoRA files; each
+cmlora merge/switch row gets its ratio to its peer ("x peer") and every row its ratio to the floor.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ METHODS = {
     "loratorio": ("loratorio", None, {}),
     "loratorio-c3": ("loratorio", None, {"cache_interval": 3}),
 }
+#: Peer rows: plain diffusers (no LoRA, the floor of a one-call method) and diffusers + PEFT on the
+#: same pipeline and the same LoRA files (see ``run_peer``).
+PEERS = ("diffusers-plain", "peft-merge", "peft-fused", "peft-switch")
+#: Switch's default tau: PEFT's switch changes adapter every SWITCH_TAU steps, as cmlora's does.
+SWITCH_TAU = 5
 
 
 def clip_l():
@@ -174,6 +183,17 @@ FIXED_SIZE = {"tiny": 16, "mini": MINI_SIZE}
 SINGLE_CALL = {"merge", "switch", "switch-profiled"}
 
 
+def peer_of(row: dict) -> str | None:
+    """The peer row a cmlora row is compared with: merge (un-fused) -> peft-merge, merge fused ->
+    peft-fused, switch (fused or not: PEFT has no fused switch) -> peft-switch."""
+    base = row["method"].removesuffix(" batched").removesuffix(" fused")
+    if base == "merge":
+        return "peft-fused" if row["fused"] else "peft-merge"
+    if base == "switch":
+        return "peft-switch"
+    return None
+
+
 class PeakMemory:
     """Peak device memory (CUDA) or peak process RSS sampled every 10 ms (CPU) during a block."""
 
@@ -233,12 +253,18 @@ def run(args, save=None) -> dict:
         for k in range(max(sizes))
     ]
     rows = []
+    labels = args.methods.split(",")
     for n in sizes:
+        for label in (m for m in labels if m in PEERS):
+            rows.append(run_peer(args, pipe, label, files[:n], size))
+            print(f"N={n} {label:22s} {rows[-1]['seconds']:8.2f} s", file=sys.stderr)
+            if save is not None:
+                save(_result(args, size, rows))
         loras = [LoRA(files[k], category=CATEGORY_ORDER[k]) for k in range(n)]
         with Composer(pipe, loras) as composer:
             if args.compile:
                 composer.compile(backend=args.compile)
-            for label, batch, fuse in _runs(args.methods.split(","), args.batch, args.fuse):
+            for label, batch, fuse in _runs([m for m in labels if m not in PEERS], args.batch, args.fuse):
                 method, variant, options = METHODS[label]
                 if args.batch == "both" and batch == "on":
                     label = f"{label} batched"
@@ -301,12 +327,178 @@ def run(args, save=None) -> dict:
     return _result(args, size, rows)
 
 
+def peft_layers(pipe) -> int:
+    """PEFT layers left in the pipeline's UNet and text encoders (0 once its LoRAs are unloaded)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    parts = [getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2")]
+    return sum(isinstance(m, BaseTunerLayer) for part in parts if part is not None for m in part.modules())
+
+
+def clean(pipe) -> None:
+    """The pipeline as cmlora's rows see it: no PEFT layer, no cmlora wrapper, no adapter."""
+    from cmlora.adapters import LoRAWrapped
+
+    assert peft_layers(pipe) == 0, "PEFT layers left in the pipeline"
+    assert not any(isinstance(m, LoRAWrapped) for m in pipe.unet.modules()), "cmlora wrappers left"
+    assert not any(pipe.get_list_adapters().values()), "adapters left in the pipeline"
+
+
+class UNetMeter:
+    """Counts, times and MAC-counts the UNet calls of a plain diffusers ``pipe(...)``: the peer
+    rows' "full", "GMAC", "UNet s" and "outside UNet" columns, measured as cmlora's records are.
+    The loop runs from the first UNet call to the last step's callback."""
+
+    def __init__(self, pipe, label: str):
+        from cmlora.macs import MacCounter
+
+        self.pipe, self.label = pipe, label
+        self.counter = MacCounter(pipe.unet)
+        self.active: tuple[str, ...] = ()  # adapters of the UNet calls: part of the MAC signature
+
+    def __enter__(self):
+        self.calls, self.macs, self.unet_seconds = 0, 0, 0.0
+        self.loop_start = self.loop_end = None
+        unet, forward = self.pipe.unet, self.pipe.unet.forward
+
+        def metered(sample, *args, **kwargs):
+            _sync(sample)
+            start = time.perf_counter()
+            if self.loop_start is None:
+                self.loop_start = start
+            signature = (self.label, tuple(sample.shape), self.active)
+            out, macs = self.counter.count(signature, lambda: forward(sample, *args, **kwargs))
+            _sync(sample)
+            self.unet_seconds += time.perf_counter() - start
+            self.calls += 1
+            self.macs += macs
+            return out
+
+        unet.forward = metered
+        return self
+
+    def step_end(self) -> None:
+        self.loop_end = time.perf_counter()
+
+    def __exit__(self, *exc):
+        del self.pipe.unet.forward  # the class's forward again
+
+    def record(self) -> dict:
+        loop = (self.loop_end or time.perf_counter()) - (self.loop_start or 0.0)
+        return {
+            "full_calls": self.calls,
+            "macs": self.macs,
+            "unet_seconds": self.unet_seconds,
+            "loop_seconds": loop,
+        }
+
+
+def _sync(tensor: torch.Tensor) -> None:
+    if tensor.is_cuda:
+        torch.cuda.synchronize()
+
+
+def run_peer(args, pipe, label: str, files: list[Path], size: int) -> dict:
+    """One peer row: plain diffusers, or diffusers + PEFT with ``files`` loaded by
+    ``load_lora_weights`` (the same kohya files cmlora's rows load), every LoRA at weight 1 as
+    cmlora's merge has them. peft-merge: ``set_adapters`` all N at once; peft-fused: the same, then
+    ``fuse_lora`` once before the timed images (its seconds are the row's fuse_seconds, not in
+    s/image); peft-switch: one adapter at a time, ``set_adapters([name])`` from
+    ``callback_on_step_end`` every SWITCH_TAU steps in file order, which is cmlora switch's order
+    here (character first: the files are character, clothing, style, ... in that order), the text
+    encoder under the first, as cmlora's switch has it. The LoRAs are unloaded after the row and
+    the pipeline checked clean."""
+    clean(pipe)
+    names = [f"peer{k}" for k in range(len(files))] if label != "diffusers-plain" else []
+    meter = UNetMeter(pipe, label)
+    fuse_seconds = None
+    for name, path in zip(names, files, strict=False):  # none for diffusers-plain
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    try:
+        if label in ("peft-merge", "peft-fused"):
+            pipe.set_adapters(names, [1.0] * len(names))
+            meter.active = tuple(names)
+        if label == "peft-fused":
+            start = time.perf_counter()
+            pipe.fuse_lora(lora_scale=1.0, adapter_names=names)
+            fuse_seconds = time.perf_counter() - start
+            meter.active = ("fused",)
+
+        def on_step_end(pipeline, step, timestep, kwargs):
+            meter.step_end()
+            if label == "peft-switch" and (step + 1) % SWITCH_TAU == 0:
+                meter.active = (names[(step + 1) // SWITCH_TAU % len(names)],)
+                pipeline.set_adapters(list(meter.active))
+            return {}
+
+        def generate(seed: int, steps: int) -> dict:
+            if label == "peft-switch":
+                meter.active = (names[0],)
+                pipe.set_adapters(list(meter.active))  # the text encoder too: the first LoRA's
+            with meter:
+                pipe(
+                    "a photo",
+                    num_inference_steps=steps,
+                    guidance_scale=7.5,
+                    height=size,
+                    width=size,
+                    generator=torch.Generator(args.device).manual_seed(seed),
+                    output_type="pil",
+                    callback_on_step_end=on_step_end,
+                )
+            return meter.record()
+
+        warmup = time.perf_counter()
+        generate(0, 2)
+        warmup = time.perf_counter() - warmup
+        seconds, records = [], []
+        with PeakMemory(args.device) as memory:
+            for r in range(args.repeats):
+                start = time.perf_counter()
+                records.append(generate(r, args.steps))
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                seconds.append(time.perf_counter() - start)
+    finally:
+        if label == "peft-fused" and fuse_seconds is not None:
+            pipe.unfuse_lora()
+        if names:
+            pipe.unload_lora_weights()
+    clean(pipe)
+    loop = statistics.median(r["loop_seconds"] for r in records)
+    unet = statistics.median(r["unet_seconds"] for r in records)
+    return {
+        "n": len(files),
+        "method": label,
+        "seconds": statistics.median(seconds),
+        "seconds_all": seconds,
+        "full_calls": records[0]["full_calls"],
+        "cached_calls": 0,
+        "gmacs": records[0]["macs"] / 1e9,
+        "unet_seconds": unet,
+        "loop_seconds": loop,
+        "outside_unet_share": (loop - unet) / loop if loop else 0.0,
+        "batched": False,
+        "fused": label == "peft-fused",
+        "fuse_seconds": fuse_seconds,
+        "loras": len(names),
+        "warmup_seconds": warmup,
+        "peak_memory_gb": memory.peak / 2**30,
+    }
+
+
 def _result(args, size: int, rows: list[dict]) -> dict:
     for row in rows:
         same_n = {r["method"]: r for r in rows if r["n"] == row["n"]}
         for ref in ("merge", "composite"):
             if ref in same_n:
                 row[f"x_{ref}"] = row["seconds"] / same_n[ref]["seconds"]
+        if "diffusers-plain" in same_n:
+            row["x_floor"] = row["seconds"] / same_n["diffusers-plain"]["seconds"]
+        peer = peer_of(row)
+        if peer in same_n:
+            row["peer"] = peer
+            row["x_peer"] = row["seconds"] / same_n[peer]["seconds"]
     return {
         "arch": args.arch,
         "size": size,
@@ -352,15 +544,18 @@ def table(result: dict) -> str:
         f"{result['arch']} {result['size']}x{result['size']} T={result['steps']} {result['dtype']} "
         f"{result['device']} rank {result['rank']}, median of {result['repeats']}"
         + (f", UNet blocks compiled ({result['compile']})" if result.get("compile") else ""),
-        "| N | method | s/image | full | cached | GMAC | outside UNet | peak GB | x merge | composite / this |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| N | method | s/image | full | cached | GMAC | outside UNet | peak GB | x merge | composite / this "
+        "| x floor | x peer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    nan = float("nan")
     for r in result["rows"]:
-        speedup = 1 / r["x_composite"] if r.get("x_composite") else float("nan")
+        speedup = 1 / r["x_composite"] if r.get("x_composite") else nan
+        peer = f"{r['x_peer']:.2f} ({r['peer']})" if "x_peer" in r else ""
         lines.append(
             f"| {r['n']} | {r['method']} | {r['seconds']:.2f} | {r['full_calls']} | {r['cached_calls']} | "
             f"{r['gmacs']:.0f} | {100 * r['outside_unet_share']:.1f}% | {r['peak_memory_gb']:.2f} | "
-            f"{r.get('x_merge', float('nan')):.2f} | {speedup:.2f}x |"
+            f"{r.get('x_merge', nan):.2f} | {speedup:.2f}x | {r.get('x_floor', nan):.2f} | {peer} |"
         )
     rows = {(r["n"], r["method"]): r for r in result["rows"]}
     for suffix, before in (("batched", "sequential"), ("fused", "un-fused")):
@@ -390,7 +585,11 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--n", default="2,3,4,5")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--methods",
+        default=",".join([*PEERS, *METHODS]),
+        help=f"comma-separated; cmlora's {', '.join(METHODS)}; peers {', '.join(PEERS)} (default: all)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
@@ -425,9 +624,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args(argv)
-    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    unknown = [m for m in args.methods.split(",") if m not in METHODS and m not in PEERS]
     if unknown:
-        parser.error(f"unknown methods {unknown} in --methods; choose from {', '.join(METHODS)}")
+        parser.error(f"unknown methods {unknown} in --methods; choose from {', '.join([*PEERS, *METHODS])}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cmlora import LoRA, compose
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +67,13 @@ def run_speed(tmp_path, *extra: str) -> tuple[dict, str]:
 
 
 def test_speed_benchmark_smoke(tmp_path):
-    result, _ = run_speed(tmp_path)
+    result, printed = run_speed(tmp_path)
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) >= {
+        "diffusers-plain",
+        "peft-merge",
+        "peft-fused",
+        "peft-switch",
         "merge",
         "switch",
         "switch-profiled",
@@ -80,7 +86,42 @@ def test_speed_benchmark_smoke(tmp_path):
     assert rows["composite"]["full_calls"] == 2 * 3 and rows["composite"]["cached_calls"] == 0
     assert rows["cmlora-reference-c3"]["full_calls"] == 2 + (3 - 1) // 3
     assert rows["composite"]["x_composite"] == 1.0
+    assert rows["merge"]["peer"] == "peft-fused"  # fused by default
+    assert rows["switch"]["peer"] == "peft-switch" and "x_peer" in rows["switch"]
+    assert all("x_floor" in r for r in rows.values())
+    assert "| x floor | x peer |" in printed
     assert all(0.0 <= r["outside_unet_share"] < 1.0 for r in rows.values())
+
+
+def test_speed_benchmark_peer_rows(tmp_path):
+    """Plain diffusers and diffusers + PEFT on the same pipeline and files (in the defaults): their rows,
+    the same calls and MACs as their cmlora counterparts, and each cmlora row's ratio to its peer and
+    to the floor. N = 2 then 3: the peers run after a Composer has detached, and leave no PEFT layer."""
+    result, printed = run_speed(
+        tmp_path,
+        "--n",
+        "2,3",
+        "--methods",
+        "diffusers-plain,peft-merge,peft-fused,peft-switch,merge,switch",
+        "--fuse",
+        "both",
+    )
+    rows = {(r["n"], r["method"]): r for r in result["rows"]}
+    peers = ("diffusers-plain", "peft-merge", "peft-fused", "peft-switch")
+    assert [m for n, m in rows if n == 3] == [*peers, "merge", "merge fused", "switch", "switch fused"]
+    for n in (2, 3):
+        plain = rows[(n, "diffusers-plain")]
+        assert plain["full_calls"] == 3 and plain["loras"] == 0 and plain["x_floor"] == 1.0
+        assert all(rows[(n, p)]["loras"] == n for p in peers[1:])
+        assert rows[(n, "peft-fused")]["fuse_seconds"] > 0 and rows[(n, "peft-fused")]["fused"]
+        for mine, peer in (("merge", "peft-merge"), ("merge fused", "peft-fused"), ("switch", "peft-switch")):
+            row = rows[(n, mine)]
+            assert row["peer"] == peer and row["x_peer"] == row["seconds"] / rows[(n, peer)]["seconds"]
+            assert row["gmacs"] == pytest.approx(rows[(n, peer)]["gmacs"])  # the same compute
+            assert row["x_floor"] == row["seconds"] / plain["seconds"]
+        assert rows[(n, "peft-fused")]["gmacs"] == pytest.approx(plain["gmacs"])
+        assert plain["gmacs"] < rows[(n, "peft-switch")]["gmacs"] < rows[(n, "peft-merge")]["gmacs"]
+    assert "| x floor | x peer |" in printed and "(peft-fused) |" in printed
 
 
 def test_speed_benchmark_times_both_batching_paths(tmp_path):
@@ -116,8 +157,6 @@ def test_speed_benchmark_times_both_fusing_paths(tmp_path):
 
 def test_speed_benchmark_names_unknown_methods(tmp_path, capsys):
     import importlib.util
-
-    import pytest
 
     spec = importlib.util.spec_from_file_location("speed_bench", ROOT / "benchmarks" / "speed.py")
     speed = importlib.util.module_from_spec(spec)

@@ -118,15 +118,13 @@ class Generator:
         return float(np.mean(cond)), float(np.mean(uncond))
 
 
-def recall(images, cid: str) -> float:
+def recall(j: detectors.Judgement, cid: str) -> float:
     cat = world.CONCEPT_BY_ID[cid]["category"]
-    j = detectors.judge(images)
-    return float(np.mean([j.detected(i)[cat] == cid for i in range(len(images))]))
+    return float(np.mean([j.detected(i)[cat] == cid for i in range(len(j.artifact))]))
 
 
-def graded(images, cid: str) -> float:
-    j = detectors.judge(images)
-    return float(np.mean([j.graded_of(i, cid) for i in range(len(images))]))
+def graded(j: detectors.Judgement, cid: str) -> float:
+    return float(np.mean([j.graded_of(i, cid) for i in range(len(j.artifact))]))
 
 
 def se(x) -> float:
@@ -175,7 +173,7 @@ def check_judge(vae, n: int, out: dict, blend_images: int = 40) -> None:
                 world.blend(world.sample_scene(random.Random(92_000_000 + i), {cat: cid}), [cat], st)[0]
                 for i in range(blend_images)
             ]
-            curve.append(graded(list(vae_roundtrip(vae, np.stack(imgs))), cid))
+            curve.append(graded(detectors.judge(list(vae_roundtrip(vae, np.stack(imgs)))), cid))
         curves[cid] = curve
         print(f"  blend {cid:13s} graded at {strengths}: {[round(c, 2) for c in curve]}")
     res["blend"] = curves
@@ -214,7 +212,10 @@ def check_base(gen: Generator, seeds, vae, out: dict) -> None:
     for cid in world.CONCEPT_IDS:
         tag_imgs, _ = gen(world.tags_prompt([cid]), seeds)
         trig_imgs, _ = gen(world.trigger_prompt([cid]), seeds)
-        rows[cid] = {"graded_tags": graded(tag_imgs, cid), "recall_trigger": recall(trig_imgs, cid)}
+        rows[cid] = {
+            "graded_tags": graded(detectors.judge(tag_imgs), cid),
+            "recall_trigger": recall(detectors.judge(trig_imgs), cid),
+        }
         world.grid(tag_imgs[:10] + trig_imgs[:10], cols=10).save(os.path.join(out["_dir"], f"base_{cid}.png"))
         print(
             f"  {cid:13s} tags {world.tags_prompt([cid])!r:55s} graded {rows[cid]['graded_tags']:.2f}; "
@@ -235,13 +236,14 @@ def check_loras(gen: Generator, seeds, out: dict) -> None:
         row = {}
         for st in CRITERIA["strength"]:
             imgs, clipped = gen(world.trigger_prompt([cid]), seeds, ((cid, st),))
-            row[f"recall_{st}"] = recall(imgs, cid)
+            verdict = detectors.judge(imgs)
+            row[f"recall_{st}"] = recall(verdict, cid)
             row[f"clipped_{st}"] = clipped
             if st == 1.0:
-                row["graded_1.0"] = graded(imgs, cid)
+                row["graded_1.0"] = graded(verdict, cid)
                 world.grid(imgs[:10], cols=10).save(os.path.join(out["_dir"], f"lora_{cid}.png"))
         bare, _ = gen(world.BASE_PROMPT, seeds, ((cid, 1.0),))
-        row["recall_no_trigger"] = recall(bare, cid)
+        row["recall_no_trigger"] = recall(detectors.judge(bare), cid)
         row["cond_change"], row["uncond_change"] = gen.prediction_change(cid, seeds)
         rows[cid] = row
         print(
@@ -271,7 +273,7 @@ def check_cross_talk(gen: Generator, seeds, out: dict) -> None:
         if world.CONCEPT_BY_ID[a]["category"] == world.CONCEPT_BY_ID[b]["category"]:
             continue
         imgs, _ = gen(world.trigger_prompt([a, b]), seeds, ((b, 1.0),))
-        rows[f"{a}+{b}"] = graded(imgs, a)
+        rows[f"{a}+{b}"] = graded(detectors.judge(imgs), a)
     share = float(np.mean([v >= CRITERIA["cross_talk"] for v in rows.values()]))
     ok = share >= CRITERIA["cross_talk_pairs"]
     out["cross_talk"] = {"graded_of_a": rows, "share": share, "ok": bool(ok)}
@@ -296,9 +298,9 @@ def check_merge(gen: Generator, seeds, n_comp: int, out: dict) -> None:
             ids = [e.id for e in comp.loras]
             prompt = world.trigger_prompt(ids)
             imgs, _ = gen(prompt, seeds, tuple((i, 1.0) for i in ids))
-            scores += list(detectors.judge(imgs).artifact)
+            full = detectors.judge(imgs)
+            scores += list(full.artifact)
             if n == 5:
-                full = detectors.judge(imgs)
                 for drop in ids:
                     rest = [i for i in ids if i != drop]
                     sub, _ = gen(prompt, seeds, tuple((i, 1.0) for i in rest))

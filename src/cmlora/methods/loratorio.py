@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..errors import OptionError
 from ..patch_mix import UNCOND_POLICIES, PatchMix
-from ..plans import StepPlan, UNetCall, refresh_steps
+from ..plans import StepPlan, UNetCall, mix_weights, refresh_steps
 from .base import (
     Composition,
     Method,
@@ -48,8 +48,7 @@ class LoRAtorio(Method):
             raise OptionError(f"loratorio names the base model's call {BASE_KEY!r}: rename that LoRA")
         if uncond not in UNCOND_POLICIES:
             raise OptionError(f"uncond must be one of {UNCOND_POLICIES}, got {uncond!r}")
-        if all(comp.weights[n] <= 0 for n in comp.names):
-            raise OptionError("user weights of the composition sum to 0: give at least one LoRA a weight > 0")
+        mix_weights(list(comp.names), comp.weights, None, 1.0)  # all user weights 0: refuse now (one rule)
         self.mix = PatchMix(
             base=0,
             patch=check_int("patch", patch, 1, 1024),

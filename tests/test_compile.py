@@ -11,6 +11,7 @@ from cmlora import LoRA
 from cmlora.api import Composer
 from cmlora.macs import MacCounter
 from cmlora.methods import build_method
+from cmlora.request import GenerationRequest
 from cmlora.sampler import denoise
 
 
@@ -18,7 +19,12 @@ def predictions(pipe, paths, method, variant, batch, stacked, **options):
     with Composer(pipe, [LoRA(p) for p in paths]) as composer:
         if stacked:
             composer.adapters.stack()
-        m = build_method(method, composer._composition(3, 0.8), variant, **options)
+        m = build_method(
+            method,
+            GenerationRequest(composer.loras, steps=3, lora_scale=0.8).composition(),
+            variant,
+            **options,
+        )
         latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
         scheduler = RecordingScheduler()
         scheduler.timesteps = torch.tensor([900, 600, 300])

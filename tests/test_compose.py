@@ -13,6 +13,7 @@ from cmlora.errors import OptionError
 from cmlora.loras import read_lora_file, resolve
 from cmlora.macs import MacCounter
 from cmlora.methods import build_method
+from cmlora.request import GenerationRequest
 from cmlora.sampler import denoise, encode_prompt
 from cmlora.unet_cache import CachePoint, UNetSplit
 
@@ -48,7 +49,7 @@ class RecordingScheduler:
 
 def mixed_prediction(pipe, paths, method, variant=None, guidance=6.0, **options):
     with Composer(pipe, [LoRA(p) for p in paths]) as composer:
-        comp = composer._composition(1, 1.0)
+        comp = GenerationRequest(composer.loras, steps=1, lora_scale=1.0).composition()
         m = build_method(method, comp, variant, **options)
         latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
@@ -251,7 +252,11 @@ def test_per_lora_text_encoder_policy_encodes_each(sd15, sd15_loras):
     )
     assert r.records[0]["options"]["text_encoder"] == "per_lora"
     with Composer(sd15, [LoRA(p) for p in sd15_loras[:2]]) as c:
-        m = build_method("composite", c._composition(2, 1.0), text_encoder="per_lora")
+        m = build_method(
+            "composite",
+            GenerationRequest(c.loras, steps=2, lora_scale=1.0).composition(),
+            text_encoder="per_lora",
+        )
         with torch.no_grad():
             conds = c._encode(m, "red", None, True, 16, 16)
     names = [LoRA(p).adapter for p in sd15_loras[:2]]
@@ -320,7 +325,12 @@ def test_batched_prediction_matches_sequential_to_1e5(sd15, sd15_loras):
     outs = {}
     for batch in (False, True):
         with Composer(sd15, [LoRA(p) for p in sd15_loras]) as composer:
-            m = build_method("cmlora", composer._composition(3, 1.0), "offline", cache_interval=2)
+            m = build_method(
+                "cmlora",
+                GenerationRequest(composer.loras, steps=3, lora_scale=1.0).composition(),
+                "offline",
+                cache_interval=2,
+            )
             latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
             scheduler = RecordingScheduler()
             scheduler.timesteps = torch.tensor([900, 600, 300])

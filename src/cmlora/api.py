@@ -7,45 +7,29 @@ before anything changes), ``generate`` builds the method's plans and runs the on
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from .adapters import AdapterSet, installed_in
 from .compiled import check_backend, compile_blocks, composing, uncompile_blocks
 from .errors import OptionError
-from .loras import MAX_STRENGTH, LoRA, LoRAFile, load_lora_tensors, read_lora_file, resolve
+from .loras import LoRA, LoRAFile, load_lora_tensors, read_lora_file, resolve
 from .macs import MacCounter
-from .methods import Composition, Method, build_method, default_variant, method_label, reads_profile
+from .methods import Method
 from .plans import StepPlan
 from .records import library_versions
+from .request import GenerationRecord, GenerationRequest, check_loras, seeds_from
 from .sampler import Conditioning, check_latents, decode, denoise, encode_prompt
-
-MAX_SEED = 2**63 - 1
 
 
 @dataclass
 class ComposeResult:
     images: list = field(default_factory=list)
-    records: list[dict] = field(default_factory=list)
-
-
-def _check_loras(loras: Sequence[LoRA]) -> list[LoRA]:
-    loras = [lora if isinstance(lora, LoRA) else LoRA(lora) for lora in loras]
-    names = [lora.adapter for lora in loras]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise OptionError(f"duplicate LoRA/adapter names {duplicates}: give each LoRA a distinct name=")
-    paths = [str(Path(lora.path).resolve()) for lora in loras]
-    same = sorted({p for p in paths if paths.count(p) > 1})
-    if same:
-        raise OptionError(f"the same LoRA file is listed twice: {same}")
-    return loras
+    records: list[GenerationRecord] = field(default_factory=list)
 
 
 class Composer:
@@ -54,14 +38,23 @@ class Composer:
     Use as a context manager, or call ``close()``: the pipeline gets its original modules back.
     """
 
-    def __init__(self, pipe, loras: Sequence[LoRA], allow_partial: bool = False, allow_pickle: bool = False):
+    def __init__(
+        self,
+        pipe,
+        loras: Sequence[LoRA],
+        allow_partial: bool = False,
+        allow_pickle: bool = False,
+        model_name: str | None = None,
+    ):
+        """``model_name`` is what records call the base model (default: the pipeline's own path)."""
         if installed_in(pipe):
             raise OptionError(
                 "this pipeline already has an open cmlora Composer (its LoRAs are installed): use that "
                 "one, or close() it (or leave its `with` block) before opening another"
             )
         self.pipe = pipe
-        self.loras = _check_loras(loras)
+        self.loras = check_loras(loras)
+        self.model_name = model_name
         # every file judged from its header and resolved against the pipeline (shapes only) before
         # any tensor is read; then only the pairs that land are read
         files: list[LoRAFile] = [
@@ -106,39 +99,18 @@ class Composer:
 
     # ------------------------------------------------------------------ generation
 
-    def _composition(self, steps: int, lora_scale: float) -> Composition:
-        return Composition(
-            names=tuple(lora.adapter for lora in self.loras),
-            weights={lora.adapter: float(lora.weight) for lora in self.loras},
-            categories={lora.adapter: lora.category for lora in self.loras},
-            num_steps=steps,
-            lora_scale=lora_scale,
-        )
-
-    def _profile_options(self, profile, method: str, variant: str | None, options: dict) -> dict:
-        """A profile file sets the H/L partition of the methods that read one (cmlora,
-        switch-profiled); an explicit order/partition wins, loudly."""
-        if profile is None:
-            return options
-        if not reads_profile(method, variant):
-            label = method_label(method, variant)
-            raise OptionError(
-                f"profile= sets the LoRA order of cmlora and switch-profiled only (method is {label!r})"
-            )
-        given = sorted(set(options) & {"order", "high", "low"})
-        if given:
-            raise OptionError(
-                f"profile= conflicts with {given}: give either a profile or an explicit order/partition"
-            )
-        from .profiles import ProfileFile
-
-        pf = profile if isinstance(profile, ProfileFile) else ProfileFile.load(profile)
+    def _profile_options(self, request: GenerationRequest) -> dict:
+        """The H/L partition a request's profile gives this session's files (an explicit order or
+        partition never meets a profile: the request refused that)."""
+        if request.profile is None:
+            return {}
+        pf = request.profile
         threshold = pf.settings.get("threshold")
         threshold = (
             threshold if isinstance(threshold, int | float) and not isinstance(threshold, bool) else None
         )
         _, high, low = pf.order_for({name: f.sha256 for name, f in self.files.items()}, threshold=threshold)
-        return {**options, "high": list(high), "low": list(low)}
+        return {"high": list(high), "low": list(low)}
 
     def generate(
         self,
@@ -157,105 +129,110 @@ class Composer:
         research: bool = False,
         progress: bool = True,
         on_step: Callable[[int, StepPlan], None] | None = None,
-        # Batched per-LoRA calls were never slower on CPU (mini: composite N=5 1.86x; SD-1.5 256 px:
-        # 1.32x, +0.5 GB peak; README, Speed, `benchmarks/speed.py --batch both`). False saves memory.
         batch_calls: bool = True,
         batch_size: int = 1,
-        # Steps of one UNet call (merge, switch) run their LoRAs fused into the weights; this holds one
-        # copy of each LoRA-wrapped layer's weight while the Composer lives. False saves that memory.
         fuse_loras: bool = True,
         **options,
     ) -> ComposeResult:
-        """``batch_size`` seeds are denoised together, one UNet call serving all of them. A small
-        model on a CPU pays per call, not per row (the mini UNet: 44 ms at 2 rows, 43 at 4), so two
-        seeds of merge took 1.92 s instead of 3.30. A method whose plan reads the latents (cmlora
-        online) and ``research`` runs keep one image per loop, since their per-step statistic would
-        mix the images; each record says its batch size."""
-        pipe = self.pipe
-        height, width = _check_size(pipe, height, width)
-        seeds = _check_seeds(seed, num_images)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise OptionError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if not isinstance(prompt, str):
-            raise OptionError(f"prompt must be a string, got {type(prompt).__name__}")
-        if (
-            not isinstance(guidance_scale, int | float)
-            or not math.isfinite(guidance_scale)
-            or guidance_scale < 0
-        ):
-            raise OptionError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or not (1 <= num_inference_steps <= 1000)
-        ):
+        """Keyword form of :meth:`run`: builds the ``GenerationRequest`` (which checks every value)
+        for this session's LoRAs. ``batch_calls=False`` and ``fuse_loras=False`` trade speed for
+        memory (README, Speed)."""
+        request = GenerationRequest(
+            loras=self.loras,
+            prompt=prompt,
+            method=method,
+            variant=variant,
+            options=options,
+            negative_prompt=negative_prompt,
+            steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            seeds=seeds_from(seed, num_images),
+            lora_scale=lora_scale,
+            profile=profile,
+            research=research,
+            batch_calls=batch_calls,
+            batch_size=batch_size,
+            fuse_loras=fuse_loras,
+        )
+        return self.run(request, progress=progress, on_step=on_step)
+
+    def run(
+        self,
+        request: GenerationRequest,
+        progress: bool = True,
+        on_step: Callable[[int, StepPlan], None] | None = None,
+    ) -> ComposeResult:
+        """Generate a request's images. ``batch_size`` seeds are denoised together, one UNet call
+        serving all of them; a method whose plan reads the latents (cmlora online) and ``research``
+        runs keep one image per loop, since their per-step statistic would mix the images; each
+        record says its batch size."""
+        if request.loras != self.loras:
             raise OptionError(
-                f"num_inference_steps must be an integer in [1, 1000], got {num_inference_steps!r}"
+                f"the request's LoRAs {[lora.adapter for lora in request.loras]} are not this session's "
+                f"{[lora.adapter for lora in self.loras]}: open a Composer with the request's LoRAs"
             )
-        if (
-            isinstance(lora_scale, bool)
-            or not isinstance(lora_scale, int | float)
-            or not math.isfinite(lora_scale)
-            or not 0 <= lora_scale <= MAX_STRENGTH
-        ):
-            raise OptionError(f"lora_scale must be a number in [0, {MAX_STRENGTH:g}], got {lora_scale!r}")
-        variant = variant or default_variant(method)
-        options = self._profile_options(profile, method, variant, options)
-        batch = bool(batch_calls)
-        fuse = bool(fuse_loras) and not self.compiled  # compiled graphs select stacked adapters instead
+        height, width = self._size(request)
+        fuse = request.fuse_loras and not self.compiled  # compiled graphs select stacked adapters instead
         if not fuse:
             self.adapters.release_fused()
-        comp = self._composition(num_inference_steps, float(lora_scale))
-        probe = build_method(method, comp, variant, **options)  # validate every option before any work
-        size = 1 if probe.needs_high_frequency or research else batch_size
+        profile_options = self._profile_options(request)
+        probe = request.build_method(profile_options)
+        size = 1 if probe.needs_high_frequency or request.research else request.batch_size
+        seeds = list(request.seeds)
         result = ComposeResult()
         for first in range(0, len(seeds), size):
-            fresh = build_method(method, comp, variant, **options)
             images, records = self._images(
-                fresh,
-                prompt,
-                negative_prompt,
-                num_inference_steps,
-                guidance_scale,
+                request.build_method(profile_options),
+                request,
                 height,
                 width,
                 seeds[first : first + size],
-                research,
                 progress,
                 on_step,
-                batch,
                 fuse,
             )
-            for record in records:
-                record["method_label"] = method_label(method, variant)
             result.images.extend(images)
             result.records.extend(records)
         return result
 
+    def _size(self, request: GenerationRequest) -> tuple[int, int]:
+        """The request's size, or the model's default; a model whose VAE shrinks more than 8x needs
+        sides that are multiples of its own factor."""
+        pipe = self.pipe
+        factor = int(getattr(pipe, "vae_scale_factor", 8))
+        default = int(pipe.unet.config.sample_size) * factor
+        height = default if request.height is None else request.height
+        width = default if request.width is None else request.width
+        for label, value in (("height", height), ("width", width)):
+            if value % factor:
+                raise OptionError(
+                    f"{label} must be a positive multiple of {factor} for this model, got {value}"
+                )
+        return height, width
+
     def _images(
         self,
         method: Method,
-        prompt,
-        negative_prompt,
-        steps,
-        guidance,
-        height,
-        width,
+        request: GenerationRequest,
+        height: int,
+        width: int,
         seeds: list[int],
-        research,
-        progress,
-        on_step,
-        batch,
-        fuse,
-    ) -> tuple[list, list[dict]]:
+        progress: bool,
+        on_step: Callable[[int, StepPlan], None] | None,
+        fuse: bool,
+    ) -> tuple[list, list[GenerationRecord]]:
         """One denoising loop for ``seeds`` together; per-image records share its counts and split
         its time and MACs evenly."""
         pipe = self.pipe
         start = time.perf_counter()
-        cfg = guidance > 1.0
+        steps, guidance = request.steps, request.guidance_scale
         rows = len(seeds)
         with torch.inference_mode(), composing() if self.compiled else nullcontext():
-            conditionings = self._encode(method, prompt, negative_prompt, cfg, height, width)
+            conditionings = self._encode(
+                method, request.prompt, request.negative_prompt, guidance > 1.0, height, width
+            )
             if rows > 1:
                 conditionings = {key: _per_image(c, rows) for key, c in conditionings.items()}
             scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
@@ -280,9 +257,9 @@ class Composer:
                     scheduler,
                     guidance,
                     self.macs,
-                    research=research,
+                    research=request.research,
                     on_step=step_callback,
-                    batch=batch,
+                    batch=request.batch_calls,
                     fuse=fuse,
                 )
             finally:
@@ -292,12 +269,40 @@ class Composer:
             check_latents(latents)
             images = decode(pipe, latents)
         seconds = time.perf_counter() - start
-        records = []
-        for seed in seeds:
-            record = self._record(
-                method, prompt, negative_prompt, steps, guidance, height, width, seed, scheduler
-            )
-            record.update(
+        records = [
+            GenerationRecord(
+                base_model=self.model_name
+                or str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or ""),
+                pipeline=type(pipe).__name__,
+                loras=[
+                    {
+                        "name": lora.adapter,
+                        "file": str(lora.path),
+                        "sha256": self.files[lora.adapter].sha256,
+                        "format": self.files[lora.adapter].format,
+                        "weight": lora.weight,
+                        "category": lora.category,
+                        "triggers": list(lora.triggers),
+                    }
+                    for lora in self.loras
+                ],
+                method=method.name,
+                variant=method.variant,
+                options=method.options(),
+                lora_scale=method.comp.lora_scale,
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                seed=seed,
+                height=height,
+                width=width,
+                steps=steps,
+                guidance_scale=guidance,
+                scheduler=type(scheduler).__name__,
+                # diffusers' private keys ("_use_default_values") vary run to run: records must not
+                scheduler_config={k: v for k, v in scheduler.config.items() if not k.startswith("_")},
+                dtype=str(pipe.unet.dtype).replace("torch.", ""),
+                device=str(pipe._execution_device),
+                versions=library_versions(),
                 full_calls=counters.full_calls,
                 cached_calls=counters.cached_calls,
                 macs=round(counters.macs / rows),
@@ -305,12 +310,14 @@ class Composer:
                 unet_seconds=round(counters.unet_seconds / rows, 4),
                 loop_seconds=round(counters.loop_seconds / rows, 4),
                 unet_invocations=counters.invocations,
-                batched_calls=batch,
+                batched_calls=request.batch_calls,
                 fused_loras=fuse,
                 batch_size=rows,
                 trace=counters.trace,
+                method_label=request.label,
             )
-            records.append(record)
+            for seed in seeds
+        ]
         return images, records
 
     def _encode(self, method: Method, prompt, negative_prompt, cfg, height, width) -> dict[str, Conditioning]:
@@ -328,46 +335,6 @@ class Composer:
             out[key] = by_activation[activation]
         return out
 
-    def _record(
-        self, method: Method, prompt, negative_prompt, steps, guidance, height, width, seed, scheduler
-    ) -> dict:
-        pipe = self.pipe
-        return {
-            "base_model": str(
-                getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or ""
-            ),
-            "pipeline": type(pipe).__name__,
-            "loras": [
-                {
-                    "name": lora.adapter,
-                    "file": str(lora.path),
-                    "sha256": self.files[lora.adapter].sha256,
-                    "format": self.files[lora.adapter].format,
-                    "weight": lora.weight,
-                    "category": lora.category,
-                    "triggers": list(lora.triggers),
-                }
-                for lora in self.loras
-            ],
-            "method": method.name,
-            "variant": method.variant,
-            "options": method.options(),
-            "lora_scale": method.comp.lora_scale,
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "seed": seed,
-            "height": height,
-            "width": width,
-            "steps": steps,
-            "guidance_scale": guidance,
-            "scheduler": type(scheduler).__name__,
-            # diffusers' private keys ("_use_default_values") vary run to run: records must not
-            "scheduler_config": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
-            "dtype": str(pipe.unet.dtype).replace("torch.", ""),
-            "device": str(pipe._execution_device),
-            "versions": library_versions(),
-        }
-
 
 def compose(
     pipe,
@@ -382,34 +349,6 @@ def compose(
     """Generate with a multi-LoRA method; the pipeline is left exactly as it was found."""
     with Composer(pipe, loras, allow_partial=allow_partial, allow_pickle=allow_pickle) as composer:
         return composer.generate(prompt=prompt, method=method, variant=variant, **kwargs)
-
-
-def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
-    factor = int(getattr(pipe, "vae_scale_factor", 8))
-    default = int(pipe.unet.config.sample_size) * factor
-    height = default if height is None else height
-    width = default if width is None else width
-    multiple = max(8, factor)
-    for label, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
-            raise OptionError(f"{label} must be a positive multiple of {multiple}, got {value!r}")
-        if value > 8192:
-            raise OptionError(f"{label} {value} is larger than 8192 pixels")
-    return height, width
-
-
-def _check_seeds(seed, num_images: int) -> list[int]:
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise OptionError(f"num_images must be an integer >= 1, got {num_images!r}")
-    seeds = (
-        list(seed)
-        if isinstance(seed, list | tuple)
-        else [seed + k if isinstance(seed, int) else seed for k in range(num_images)]
-    )
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
-            raise OptionError(f"seed must be an integer in [0, 2**63-1], got {s!r}")
-    return seeds
 
 
 def _per_image(cond: Conditioning, images: int) -> Conditioning:

@@ -63,7 +63,7 @@ def _prompt_for(lora: LoRA, prompt: str | None, base_prompt: str) -> str:
 
 def _check_inputs(loras: Sequence[LoRA], seeds: Sequence[int], threshold: float | None) -> list[LoRA]:
     """Fail before any image is made: profiling is slow, so a late error wastes minutes."""
-    from .api import _check_loras
+    from .request import check_loras
 
     if not loras:
         raise OptionError("profile_loras needs at least one LoRA")
@@ -78,7 +78,7 @@ def _check_inputs(loras: Sequence[LoRA], seeds: Sequence[int], threshold: float 
         isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold)
     ):
         raise OptionError(f"threshold must be a finite number or None, got {threshold!r}")
-    return _check_loras(loras)
+    return list(check_loras(loras))
 
 
 def profile_loras(

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import secrets
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def library_versions() -> dict[str, str]:
 
 def json_safe(value):
     """JSON without NaN/Infinity (which strict readers reject) and without tensors or paths."""
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # dicts and the core's GenerationRecord
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         items = sorted(value) if isinstance(value, set | frozenset) else value

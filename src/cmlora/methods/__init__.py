@@ -34,6 +34,7 @@ __all__ = [
     "Method",
     "StepState",
     "build_method",
+    "accepted_options",
     "default_variant",
     "method_label",
     "reads_profile",
@@ -44,6 +45,15 @@ __all__ = [
 def default_variant(name: str) -> str | None:
     variants = METHOD_VARIANTS.get(name)
     return variants[0] if variants else None
+
+
+def accepted_options(name: str) -> tuple[str, ...]:
+    """The options a method takes (its constructor's keywords), ``variant`` excluded: front-ends
+    ask this instead of inspecting method classes."""
+    if name not in METHODS:
+        raise OptionError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    skip = ("self", "comp", "variant")
+    return tuple(p for p in inspect.signature(METHODS[name].__init__).parameters if p not in skip)
 
 
 def build_method(name: str, comp: Composition, variant: str | None = None, **options: object) -> Method:
@@ -57,7 +67,7 @@ def build_method(name: str, comp: Composition, variant: str | None = None, **opt
                 f"method {name!r} has no variants (got variant={variant!r}); {with_variants} do"
             )
         options["variant"] = variant
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "comp")]
+    accepted = [*accepted_options(name), *(["variant"] if name in METHOD_VARIANTS else [])]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise OptionError(f"method {name!r} has no option(s) {unknown}; its options are {accepted}")

@@ -13,21 +13,14 @@ TEXT_ENCODER_POLICIES = ("all", "first", "per_lora")
 
 @dataclass(frozen=True)
 class Composition:
-    """The LoRAs as methods see them: names in user order, weights a_i, categories."""
+    """The LoRAs as methods see them: names in user order, weights a_i, categories. Built from a
+    ``GenerationRequest``, which checked its values (names distinct, steps and scale in range)."""
 
     names: tuple[str, ...]
     weights: dict[str, float]
     categories: dict[str, str | None]
     num_steps: int
     lora_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.num_steps < 1:
-            raise OptionError(f"num_inference_steps must be >= 1, got {self.num_steps}")
-        if len(set(self.names)) != len(self.names):
-            raise OptionError(f"duplicate adapter names in the composition: {list(self.names)}")
-        if not math.isfinite(self.lora_scale) or self.lora_scale < 0:
-            raise OptionError(f"lora_scale must be a finite number >= 0, got {self.lora_scale}")
 
     @property
     def n(self) -> int:

@@ -244,8 +244,8 @@ class WebApp:
 
     def parse_job(self, body: object) -> JobSpec:
         """Check every field of a job request now, so the page can say what is wrong at once."""
-        from ..api import _check_seeds, _check_size
         from ..methods import Composition, build_method
+        from ..request import GenerationRequest
 
         if not isinstance(body, dict):
             raise OptionError("the request must be a JSON object")
@@ -263,9 +263,8 @@ class WebApp:
             raise OptionError(f"steps must be an integer in [1, 1000], got {steps}")
         default = self.settings()["defaults"]
         width, height = _int(body, "width", default["width"]), _int(body, "height", default["height"])
-        height, width = _check_size(self.base.pipe, height, width)
         seed = _int(body, "seed", 0)
-        _check_seeds(seed, 1)
+        GenerationRequest(loras=(), method="none", height=height, width=width, seeds=(seed,))
         guidance = _float(body, "guidance", self.base.guidance)
         if guidance < 0:
             raise OptionError(f"guidance must be >= 0, got {guidance}")
@@ -507,8 +506,7 @@ class WebApp:
                     on_step=on_step,
                     **spec.options[label],
                 )
-                record = result.records[0]
-                record["base_model"] = self.base.name
+                record = {**result.records[0].as_dict(), "base_model": self.base.name}
                 png, text = png_bytes(result.images[0], record), record_json(record)
                 with self._jobs_lock:
                     k = len(job.files)

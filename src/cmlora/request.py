@@ -58,6 +58,21 @@ def check_loras(loras: Sequence[LoRA | str | Path]) -> tuple[LoRA, ...]:
     return checked
 
 
+def resolve_method(method: object, variant: str | None = None) -> tuple[str, str | None]:
+    """(name, variant) of a method name plus optional variant, or of a label such as
+    ``cmlora-online``; a label that already names a variant takes no other."""
+    if not isinstance(method, str):
+        raise OptionError(f"method must be a string, got {method!r}")
+    if method in METHODS:
+        if variant is None:
+            return method, default_variant(method)
+        return split_label(f"{method}-{variant}")  # the registry judges the variant
+    name, named = split_label(method)
+    if variant is not None and variant != named:
+        raise OptionError(f"method {method!r} already names a variant: drop variant={variant!r}")
+    return name, named
+
+
 def seeds_from(seed: int | Sequence[int], num_images: int = 1) -> tuple[int, ...]:
     """``seed, seed+1, ...`` for ``num_images`` images, or an explicit list of seeds."""
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
@@ -113,7 +128,7 @@ class GenerationRequest:
             raise OptionError(
                 f"negative_prompt must be a string or None, got {type(self.negative_prompt).__name__}"
             )
-        method, variant = self._method_and_variant()
+        method, variant = resolve_method(self.method, self.variant)
         set_(self, "method", method)
         set_(self, "variant", variant)
         if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
@@ -147,20 +162,6 @@ class GenerationRequest:
         set_(self, "options", MappingProxyType(dict(self.options)))
         set_(self, "profile", self._checked_profile())
         self.build_method()  # every option's value judged by its method, before any work
-
-    def _method_and_variant(self) -> tuple[str, str | None]:
-        if not isinstance(self.method, str):
-            raise OptionError(f"method must be a string, got {self.method!r}")
-        if self.method in METHODS:
-            if self.variant is None:
-                return self.method, default_variant(self.method)
-            return split_label(f"{self.method}-{self.variant}")  # the registry judges the variant
-        name, variant = split_label(self.method)
-        if self.variant is not None and self.variant != variant:
-            raise OptionError(
-                f"method {self.method!r} already names a variant: drop variant={self.variant!r}"
-            )
-        return name, variant
 
     def _checked_profile(self):
         """A profile is loaded (and so checked) here; only the methods that read one take it, and

@@ -11,9 +11,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..runs import (
-    atomic_write_text,
-)
+from ...files import atomic_write_text
 
 
 class ResponseCache:

@@ -17,10 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..runs import (
-    ManifestEntry,
-    open_run_image,
-)
+from ..runs import ManifestEntry, open_run_image
 
 DIMENSIONS = ("composition", "image")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

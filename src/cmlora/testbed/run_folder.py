@@ -71,7 +71,7 @@ class SweepSettingsError(SweepError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Small file-system helpers: every write that a reader could see is atomic (cmlora.files).
+# JSON of the records and the folder lock; every write a reader could see is atomic (cmlora.files).
 
 
 def _json_default(value: Any) -> Any:

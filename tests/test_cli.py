@@ -125,12 +125,12 @@ def test_bad_options_exit_2(argv, fragment, sd15_loras, tmp_path, capsys):
 
 
 def test_disk_full_leaves_no_partial_file(monkeypatch, sd15_loras, tmp_path, capsys):
-    import cmlora.records as records
+    import cmlora.files as files
 
     def full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(records.os, "replace", full)
+    monkeypatch.setattr(files.os, "replace", full)
     code = main(
         [
             "generate",

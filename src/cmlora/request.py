@@ -94,7 +94,9 @@ def _is_number(value: object) -> bool:
 class GenerationRequest:
     """One generation: the LoRAs, the method with its options, the sampling settings and the seeds.
 
-    ``method`` is a method name (``variant`` picks a variant) or a label such as ``cmlora-online``.
+    ``method`` is a method name (``variant`` picks a variant) or a label such as ``cmlora-online``;
+    once checked, ``method`` holds the label and ``variant`` None (``method_name`` and
+    ``method_variant`` give the parts).
     ``height``/``width`` None mean the model's default size. ``profile`` (a file written by
     ``cmlora profile``, or a loaded ``ProfileFile``) orders the LoRAs of the methods that read one.
     ``batch_size`` seeds are denoised together; ``batch_calls`` runs the per-LoRA calls of one step
@@ -128,9 +130,12 @@ class GenerationRequest:
             raise OptionError(
                 f"negative_prompt must be a string or None, got {type(self.negative_prompt).__name__}"
             )
-        method, variant = resolve_method(self.method, self.variant)
-        set_(self, "method", method)
-        set_(self, "variant", variant)
+        # ``method`` keeps the label and ``variant`` None, so ``replace(request, method=...)`` never
+        # carries the old method's variant over to the new one
+        name, variant = resolve_method(self.method, self.variant)
+        set_(self, "method", method_label(name, variant))
+        set_(self, "variant", None)
+        set_(self, "_resolved", (name, variant))
         if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
             raise OptionError(
                 f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {self.steps!r}"
@@ -168,7 +173,7 @@ class GenerationRequest:
         it conflicts with an order or partition given by hand."""
         if self.profile is None:
             return None
-        if not reads_profile(self.method, self.variant):
+        if not reads_profile(self.method_name, self.method_variant):
             raise OptionError(
                 f"profile= sets the LoRA order of cmlora and switch-profiled only (method is {self.label!r})"
             )
@@ -183,7 +188,16 @@ class GenerationRequest:
 
     @property
     def label(self) -> str:
-        return method_label(self.method, self.variant)
+        return self.method
+
+    @property
+    def method_name(self) -> str:
+        return self._resolved[0]  # type: ignore[attr-defined]
+
+    @property
+    def method_variant(self) -> str | None:
+        """The variant in effect (a method's default when the label names none)."""
+        return self._resolved[1]  # type: ignore[attr-defined]
 
     def composition(self) -> Composition:
         return Composition(
@@ -198,7 +212,7 @@ class GenerationRequest:
         """A fresh method object (methods keep per-run state); ``extra`` options are the ones a
         session derives (a profile's partition), checked by the method like the user's."""
         return build_method(
-            self.method, self.composition(), self.variant, **{**self.options, **(extra or {})}
+            self.method_name, self.composition(), self.method_variant, **{**self.options, **(extra or {})}
         )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import CmloraError
+from ..signals import sigterm_as_interrupt
 from .arguments import Parser, one_line, quiet_libraries
 
 
@@ -34,30 +35,15 @@ def build_parser() -> Parser:
     return parser
 
 
-def _sigterm_as_interrupt():
-    """SIGTERM (kill, a cluster's pre-emption) unwinds like Ctrl-C, so temporary files are removed
-    and nothing half-written stays behind. Returns the previous handler (restored by ``main``)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, handler)
-
-
 def main(argv: list[str] | None = None) -> int:
-    import signal
-
+    """SIGTERM (kill, a cluster's pre-emption) unwinds like Ctrl-C, so temporary files are removed
+    and nothing half-written stays behind."""
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_libraries()
-    previous = _sigterm_as_interrupt()
     try:
-        return int(args.func(args) or 0)
+        with sigterm_as_interrupt():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         if getattr(args, "resumes", False):
             print(
@@ -73,9 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     except CmloraError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         fuse_loras=not args.no_fuse,
     )
     profile = base.profile_for(
-        request.method, request.variant, [lora.path for lora in loras], options, args.profile
+        request.method_name, request.method_variant, [lora.path for lora in loras], options, args.profile
     )
     out = Path(args.out)
     with Composer(

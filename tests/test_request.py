@@ -28,6 +28,8 @@ def test_defaults_are_normalised():
     assert request(method="switch").method_variant == "standard"
     assert request(method="switch").label == "switch"
     assert request(method="switch", variant="profiled").label == "switch-profiled"
+    assert request(method="switch", variant="standard").label == "switch"
+    assert request(method="cmlora", variant="offline").label == "cmlora-offline"
     assert request(method="merge").method_variant is None
 
 
@@ -55,6 +57,7 @@ def test_defaults_are_normalised():
         ({"method": "fancy"}, "unknown method 'fancy'"),
         ({"method": "cmlora-turbo"}, "unknown cmlora variant 'turbo'"),
         ({"method": "merge", "variant": "x"}, "method 'merge' has no variants"),
+        ({"method": "cmlora", "variant": "x"}, "unknown cmlora variant 'x'; choose one of offline, online"),
         ({"method": "cmlora-online", "variant": "async"}, "already names a variant: drop variant='async'"),
         ({"method": "merge", "options": {"tau": 2}}, r"method 'merge' has no option\(s\) \['tau'\]"),
         ({"method": "cmlora", "options": {"cache_interval": 0}}, "cache_interval"),

@@ -22,6 +22,7 @@ from typing import Any
 from .errors import OptionError
 from .loras import MAX_STRENGTH, LoRA
 from .methods import (
+    METHOD_VARIANTS,
     METHODS,
     Composition,
     build_method,
@@ -66,7 +67,14 @@ def resolve_method(method: object, variant: str | None = None) -> tuple[str, str
     if method in METHODS:
         if variant is None:
             return method, default_variant(method)
-        return split_label(f"{method}-{variant}")  # the registry judges the variant
+        variants = METHOD_VARIANTS.get(method)
+        if variants is None:
+            raise OptionError(
+                f"method {method!r} has no variants (got variant={variant!r}); {', '.join(METHOD_VARIANTS)} do"
+            )
+        if variant not in variants:
+            raise OptionError(f"unknown {method} variant {variant!r}; choose one of {', '.join(variants)}")
+        return method, variant
     name, named = split_label(method)
     if variant is not None and variant != named:
         raise OptionError(f"method {method!r} already names a variant: drop variant={variant!r}")

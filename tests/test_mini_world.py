@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cmlora import mini
-from cmlora.mini import world
+from cmlora.mini import render, world
 
 ASSETS = mini.assets_dir()
 
@@ -24,11 +24,11 @@ def test_concept_layout_matches_composlora():
 
 def test_renderer_deterministic():
     for seed in range(5):
-        a, ca, sa = world.sample(seed, p_concept=0.5)
-        b, cb, sb = world.sample(seed, p_concept=0.5)
+        a, ca, sa = render.sample(seed, p_concept=0.5)
+        b, cb, sb = render.sample(seed, p_concept=0.5)
         assert a.size == (64, 64) and a.mode == "RGB"
         assert np.array_equal(np.asarray(a), np.asarray(b)) and ca == cb and sa == sb
-    assert not np.array_equal(np.asarray(world.sample(0)[0]), np.asarray(world.sample(1)[0]))
+    assert not np.array_equal(np.asarray(render.sample(0)[0]), np.asarray(render.sample(1)[0]))
 
 
 def test_trigger_tokens_and_full_combinations_absent_from_generic_scenes():
@@ -37,7 +37,7 @@ def test_trigger_tokens_and_full_combinations_absent_from_generic_scenes():
     tokens = {world.CONCEPT_BY_ID[c]["trigger"][0] for c in world.CONCEPT_IDS}
     seen_tags = set()
     for seed in range(600):
-        _, cap, s = world.sample(seed)
+        _, cap, s = render.sample(seed)
         assert not (set(cap.replace(",", " ").split()) & tokens), cap
         assert not s.details and all(v < 1.0 for v in s.parts().values()), (cap, s.parts())
         seen_tags |= {t for c in world.CONCEPT_IDS for t in world.CONCEPT_BY_ID[c]["trigger"][1:] if t in cap}
@@ -52,11 +52,11 @@ def test_concept_parts_and_blends():
         cat = world.CONCEPT_BY_ID[cid]["category"]
         s = world.sample_scene(random.Random(3), {cat: cid})
         assert s.parts()[cid] == 1.0 and s.labels()[cat] == cid
-        img, target = world.blend(s, [cat], 0.5)
+        img, target = render.blend(s, [cat], 0.5)
         bare = world.without_concepts(s, [cat])
         assert target[cid] == pytest.approx(0.5 + 0.5 * bare.parts()[cid])
         assert img.shape == (64, 64, 3) and img.dtype == np.uint8
-        assert world.blend(s, [cat], 1.0)[0].tolist() == world.render_array(s).tolist()
+        assert render.blend(s, [cat], 1.0)[0].tolist() == render.render_array(s).tolist()
 
 
 def test_incidental_traits_and_tags_prompt():
@@ -87,8 +87,8 @@ def test_backgrounds_lower_frequency_than_other_concepts():
         cat = world.CONCEPT_BY_ID[cid]["category"]
         vals = []
         for seed in range(3):
-            with_c = world.render_array(world.sample_scene(random.Random(seed), {cat: cid}))
-            without = world.render_array(world.sample_scene(random.Random(seed)))
+            with_c = render.render_array(world.sample_scene(random.Random(seed), {cat: cid}))
+            without = render.render_array(world.sample_scene(random.Random(seed)))
             vals.append(_hf_fraction(with_c.astype(np.float64) - without))
         hf[cid] = float(np.mean(vals))
     bgs = [hf[c] for c in ("background_1", "background_2")]
@@ -103,11 +103,11 @@ def test_detectors_on_fixed_images():
     imgs, want = [], []
     for k, cid in enumerate(world.CONCEPT_IDS):
         cat = world.CONCEPT_BY_ID[cid]["category"]
-        img, _, s = world.sample(123 + k, {cat: cid})
+        img, _, s = render.sample(123 + k, {cat: cid})
         imgs.append(img)
         want.append(s.labels())
     for seed in range(4):
-        img, _, s = world.sample(555 + seed)
+        img, _, s = render.sample(555 + seed)
         imgs.append(img)
         want.append(s.labels())
     got = detect(imgs)
@@ -125,7 +125,7 @@ def test_judge_calls_noise_empty():
     noise = noise_images(40, 123)
     j = judge(list(noise))
     assert all(v is None for i in range(40) for v in j.detected(i).values())
-    renders = [world.sample(900 + k, p_concept=0.5)[0] for k in range(40)]
+    renders = [render.sample(900 + k, p_concept=0.5)[0] for k in range(40)]
     assert np.median(judge(renders).artifact) < np.median(j.artifact)
 
 

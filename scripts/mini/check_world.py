@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cmlora import mini
-from cmlora.mini import detectors, lora_utils, world
+from cmlora.mini import detectors, lora_utils, render, world
 from cmlora.mini.components import build_noise_scheduler, to_pil
 from cmlora.mini.train import noise_images, vae_roundtrip
 
@@ -96,7 +96,7 @@ class Generator:
         a = build_noise_scheduler().alphas_cumprod[500]
         cond, uncond = [], []
         for s in seeds:
-            img = world.render_array(world.sample_scene(random.Random(70_000_000 + s)))
+            img = render.render_array(world.sample_scene(random.Random(70_000_000 + s)))
             z0 = vae.encode(
                 torch.from_numpy(img[None].copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
             ).latent_dist.mean
@@ -135,7 +135,7 @@ def se(x) -> float:
 def check_judge(vae, n: int, out: dict, blend_images: int = 40) -> None:
     print(f"== judge: {n} held-out renders (seeds 90000000+), clean and after a VAE round trip")
     scenes = [world.sample_scene(random.Random(90_000_000 + i), None, p_concept=0.5) for i in range(n)]
-    arr = np.stack([world.render_array(s) for s in scenes])
+    arr = np.stack([render.render_array(s) for s in scenes])
     res = {}
     for name, imgs in (("clean", arr), ("roundtrip", vae_roundtrip(vae, arr))):
         j = detectors.judge(list(imgs))
@@ -170,7 +170,7 @@ def check_judge(vae, n: int, out: dict, blend_images: int = 40) -> None:
         curve = []
         for st in strengths:
             imgs = [
-                world.blend(world.sample_scene(random.Random(92_000_000 + i), {cat: cid}), [cat], st)[0]
+                render.blend(world.sample_scene(random.Random(92_000_000 + i), {cat: cid}), [cat], st)[0]
                 for i in range(blend_images)
             ]
             curve.append(graded(detectors.judge(list(vae_roundtrip(vae, np.stack(imgs)))), cid))
@@ -196,7 +196,9 @@ def check_base(gen: Generator, seeds, vae, out: dict) -> None:
     prompts = [world.caption(world.sample_scene(random.Random(93_000_000 + s))) for s in seeds]
     imgs = [gen(p, [s])[0][0] for p, s in zip(prompts, seeds, strict=True)]
     art = detectors.judge(imgs).artifact
-    renders = np.stack([world.render_array(world.sample_scene(random.Random(93_000_000 + s))) for s in seeds])
+    renders = np.stack(
+        [render.render_array(world.sample_scene(random.Random(93_000_000 + s))) for s in seeds]
+    )
     ref = detectors.judge(list(vae_roundtrip(vae, renders))).artifact
     out["base_quality"] = {
         "artifact_mean": float(art.mean()),
@@ -207,7 +209,7 @@ def check_base(gen: Generator, seeds, vae, out: dict) -> None:
         f"  artifact score of base samples (generic captions) {art.mean():.2f} +- {se(art):.2f}; "
         f"of the same scenes rendered and round-tripped {ref.mean():.2f}"
     )
-    world.grid(imgs[:20], cols=10).save(os.path.join(out["_dir"], "base_generic.png"))
+    render.grid(imgs[:20], cols=10).save(os.path.join(out["_dir"], "base_generic.png"))
     rows = {}
     for cid in world.CONCEPT_IDS:
         tag_imgs, _ = gen(world.tags_prompt([cid]), seeds)
@@ -216,7 +218,9 @@ def check_base(gen: Generator, seeds, vae, out: dict) -> None:
             "graded_tags": graded(detectors.judge(tag_imgs), cid),
             "recall_trigger": recall(detectors.judge(trig_imgs), cid),
         }
-        world.grid(tag_imgs[:10] + trig_imgs[:10], cols=10).save(os.path.join(out["_dir"], f"base_{cid}.png"))
+        render.grid(tag_imgs[:10] + trig_imgs[:10], cols=10).save(
+            os.path.join(out["_dir"], f"base_{cid}.png")
+        )
         print(
             f"  {cid:13s} tags {world.tags_prompt([cid])!r:55s} graded {rows[cid]['graded_tags']:.2f}; "
             f"composition prompt recall {rows[cid]['recall_trigger']:.2f}"
@@ -241,7 +245,7 @@ def check_loras(gen: Generator, seeds, out: dict) -> None:
             row[f"clipped_{st}"] = clipped
             if st == 1.0:
                 row["graded_1.0"] = graded(verdict, cid)
-                world.grid(imgs[:10], cols=10).save(os.path.join(out["_dir"], f"lora_{cid}.png"))
+                render.grid(imgs[:10], cols=10).save(os.path.join(out["_dir"], f"lora_{cid}.png"))
         bare, _ = gen(world.BASE_PROMPT, seeds, ((cid, 1.0),))
         row["recall_no_trigger"] = recall(detectors.judge(bare), cid)
         row["cond_change"], row["uncond_change"] = gen.prediction_change(cid, seeds)

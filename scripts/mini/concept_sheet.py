@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cmlora.mini import world  # noqa: E402
+from cmlora.mini import render, world  # noqa: E402
 
 
 def known_parts_only(scene: world.Scene, cid: str) -> world.Scene:
@@ -38,7 +38,7 @@ def main() -> None:
         traits = [world.sample_scene(random.Random(seed), {cat: cid}, p_traits=1.0) for seed in (6, 7)]
         for c, scene in enumerate([*scenes, known, *traits]):
             ax = axes[r, c]
-            ax.imshow(world.render(scene), interpolation="nearest")
+            ax.imshow(render.render(scene), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

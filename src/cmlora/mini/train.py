@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import assets_dir, components, detectors, world
+from . import assets_dir, components, detectors, render, world
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 #: Clothing fills (stripes, checks), styles (outline, palette) and backgrounds (sky gradients,
@@ -71,7 +71,7 @@ def render_pool(n: int, seed0: int, p_concept: float = 0.0, concepts=None):
     for i in range(n):
         rng = random.Random(seed0 + i)
         s = world.sample_scene(rng, concepts, p_concept)
-        imgs.append(world.render_array(s))
+        imgs.append(render.render_array(s))
         scenes.append(s)
     return np.stack(imgs), scenes
 
@@ -218,7 +218,7 @@ def judge_data(n_render: int, n_blend: int, n_noise: int, seed0: int, vae=None):
         present = [c for c in world.CATEGORIES if s.labels()[c] is not None] or ["object"]
         chosen = rng.sample(present, rng.randint(1, len(present)))
         strength = rng.random()
-        img, _ = world.blend(s, chosen, strength)
+        img, _ = render.blend(s, chosen, strength)
         blends.append(img)
         strengths.append(strength)
         full.append(s)
@@ -536,7 +536,7 @@ def train_loras(
             world.sample_scene(random.Random(40_000_000 + 100_000 * k + i), {cat: cid}, p_traits=0.8)
             for i in range(n_images)
         ]
-        mean, std = encode_pool(vae, np.stack([world.render_array(sc) for sc in scenes]))
+        mean, std = encode_pool(vae, np.stack([render.render_array(sc) for sc in scenes]))
         unet = get_peft_model(
             copy.deepcopy(pipe.unet).requires_grad_(False),
             LoraConfig(r=rank, lora_alpha=rank, target_modules=CATEGORY_TARGETS.get(cat, LORA_TARGETS)),

@@ -55,6 +55,7 @@ KOHYA_SUFFIXES: dict[str, tuple[str | None, str]] = {
 _NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 _SUFFIX_OF = {(kind, role): suffix for suffix, (kind, role) in KOHYA_SUFFIXES.items()}
 MAX_FACTOR_RANK = 4096
+_PARTNER = {"w1a": "w1b", "w1b": "w1a", "w2a": "w2b", "w2b": "w2a", "t1": "t2", "t2": "t1", "up": "down"}
 
 
 def _suffixes(kind: str) -> str:
@@ -104,10 +105,11 @@ def _check_halves(path: Path, kind: str, roles: dict[str, str]) -> None:
     def need(role: str, because: str, message: str | None = None) -> None:
         if role not in roles:
             suffix = _SUFFIX_OF[(kind, role)]
+            partner = roles.get(_PARTNER.get(role, ""))  # name the other half of the pair
             raise LoRAFileError(
                 path,
                 message or f"LyCORIS {_NAMES[kind]} module without its {suffix}: {because}",
-                key=roles[_present(roles)],
+                key=partner or roles[_present(roles)],
             )
 
     if kind == "lora":
@@ -406,7 +408,7 @@ def _dense(kind: str, t: dict[str, torch.Tensor], shape: tuple[int, ...]) -> tor
                 halves.append((a @ b.reshape(b.shape[0], -1)).reshape(shape))
         return halves[0] * halves[1]
     w1 = t["w1"] if "w1" in t else t["w1a"] @ t["w1b"]
-    return torch.kron(w1, _lokr_w2(t)).reshape(shape)
+    return torch.kron(w1.contiguous(), _lokr_w2(t).contiguous()).reshape(shape)
 
 
 def _lokr_w2(t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -466,7 +468,8 @@ def _low_rank(kind: str, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
         v2 = torch.einsum("ij...,jc->ic...", core, t["w2b"]).reshape(core.shape[0], -1)
     else:
         u2, v2 = t["w2a"], t["w2b"].reshape(t["w2b"].shape[0], -1)
-    return torch.kron(u1, u2), torch.kron(v1, v2)
+    # torch.kron refuses some non-contiguous operands (a transposed w2_a)
+    return torch.kron(u1.contiguous(), u2.contiguous()), torch.kron(v1.contiguous(), v2.contiguous())
 
 
 def dora_delta(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:

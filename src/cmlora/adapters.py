@@ -96,6 +96,12 @@ class Router:
         )
 
 
+_LAYER_ATTRIBUTES = frozenset(
+    ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding")
+    + ("dilation", "groups", "padding_mode", "weight", "bias")
+)
+
+
 class LoRAWrapped(torch.nn.Module):
     """A Linear or Conv2d plus any number of named deltas, selected by the router.
 
@@ -124,6 +130,16 @@ class LoRAWrapped(torch.nn.Module):
         # fused mode: the weight with the active deltas added, and what it was built from
         self._fused_key: tuple | None = None
         self._fused_weight: torch.Tensor | None = None
+
+    def __getattr__(self, name: str):
+        """The adapted layer's own attributes (``in_features``, ``weight``...) read through the
+        wrapper: diffusers reads some of them (SDXL's ``add_embedding.linear_1.in_features``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in _LAYER_ATTRIBUTES:
+                return getattr(self.base, name)
+            raise
 
     def _register(self, name: str, delta: LowRankDelta | DenseDelta) -> None:
         if name in self.deltas:

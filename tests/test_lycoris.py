@@ -79,7 +79,11 @@ def lycoris_file(pipe, path, spec, components=("unet",), rank=2, alpha=None, see
     merged, applied = copy.deepcopy(pipe), copy.deepcopy(pipe)
     state = {}
     for k, component in enumerate(components):
-        prefix = PREFIX[component] if component != "text_encoder" or not hasattr(pipe, "text_encoder_2") else "lora_te1"
+        prefix = (
+            PREFIX[component]
+            if component != "text_encoder" or not hasattr(pipe, "text_encoder_2")
+            else "lora_te1"
+        )
         a = float(rank if alpha is None else alpha)
         for copy_ in (merged, applied):
             network = lycoris_network(getattr(copy_, component), prefix, spec, rank, a, seed + k)
@@ -204,18 +208,24 @@ def test_dora_strength_and_merge_of_several(sd15, tmp_path):
         paths.append(tmp_path / f"d{k}.safetensors")
         lycoris_file(sd15, paths[-1], ALGOS["dora"], seed=10 + k)
     half = cmlora_unet_call(sd15, paths[0], strength=0.5)
-    torch.testing.assert_close(half, unet_call(with_dense_deltas(sd15, [(paths[0], 0.5)])), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        half, unet_call(with_dense_deltas(sd15, [(paths[0], 0.5)])), rtol=RTOL, atol=ATOL
+    )
     with Composer(sd15, [LoRA(p) for p in paths]) as composer:
         names = [lora.adapter for lora in composer.loras]
         both = {}
         for fuse in (False, True):
             for order in (names, names[::-1]):
-                composer.adapters.unet.set(tuple((n, s) for n, s in zip(order, (1.0, 0.7))), fuse=fuse)
+                composer.adapters.unet.set(
+                    tuple((n, s) for n, s in zip(order, (1.0, 0.7), strict=True)), fuse=fuse
+                )
                 both[fuse, tuple(order)] = unet_call(sd15)
         composer.adapters.unet.clear()
     for order in (names, names[::-1]):
-        strengths = dict(zip(order, (1.0, 0.7)))
-        want = unet_call(with_dense_deltas(sd15, [(p, strengths[n]) for p, n in zip(paths, names)]))
+        strengths = dict(zip(order, (1.0, 0.7), strict=True))
+        want = unet_call(
+            with_dense_deltas(sd15, [(p, strengths[n]) for p, n in zip(paths, names, strict=True)])
+        )
         for fuse in (False, True):
             torch.testing.assert_close(both[fuse, tuple(order)], want, rtol=RTOL, atol=ATOL)
 
@@ -276,7 +286,9 @@ def test_every_method_runs_each_kind(request, tmp_path, which, algo):
         assert np.isfinite(image).all() and np.abs(image - base).max() > 2, (method, options)
     # fused and un-fused merge, sequential and batched composite: the same image
     for a, b in ((0, 1), (3, 4)):
-        diff = np.abs(np.asarray(results[a].images[0], np.float32) - np.asarray(results[b].images[0], np.float32))
+        diff = np.abs(
+            np.asarray(results[a].images[0], np.float32) - np.asarray(results[b].images[0], np.float32)
+        )
         assert diff.max() <= 1.0
     assert_same_state(before, pipeline_state(pipe))
 
@@ -366,7 +378,11 @@ def _malformed(sd15, tmp_path):
 
     loha, lokr, dora, tucker = good["loha"], good["lokr"], good["dora"], good["locon-tucker"]
     s = next(k[: -len(".hada_w1_a")] for k in sorted(loha) if k.endswith(".hada_w1_a"))
-    k = next(k[: -len(".lokr_w1")] for k in sorted(lokr) if k.endswith(".lokr_w1") and k[: -len(".lokr_w1")] + ".lokr_w2_a" in lokr)
+    k = next(
+        k[: -len(".lokr_w1")]
+        for k in sorted(lokr)
+        if k.endswith(".lokr_w1") and k[: -len(".lokr_w1")] + ".lokr_w2_a" in lokr
+    )
     d = next(k[: -len(".dora_scale")] for k in sorted(dora) if k.endswith(".dora_scale"))
     m = next(k[: -len(".lora_mid.weight")] for k in sorted(tucker) if k.endswith(".lora_mid.weight"))
     cases = {
@@ -399,3 +415,17 @@ def test_malformed_lycoris_files_are_refused_naming_the_key(sd15, sd15_loras, tm
         message = str(info.value)
         assert expected in message and key in message and str(path) in message, (name, message)
     assert_same_state(before, pipeline_state(sd15))
+
+
+def test_speed_benchmark_runs_five_lycoris_files(tmp_path):
+    """``--kind lyco``: five LoHa/LoKr files in turn; the plan's calls are those of plain LoRAs."""
+    from test_speed import run_speed
+
+    methods = "diffusers-plain,merge,composite,peft-merge"
+    result, printed = run_speed(
+        tmp_path, "--n", "5", "--kind", "lyco", "--lyco-rank", "2", "--methods", methods
+    )
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"diffusers-plain", "merge", "composite"}  # PEFT cannot load LoHa/LoKr files
+    assert rows["composite"]["full_calls"] == 5 * 3 and rows["merge"]["full_calls"] == 3
+    assert result["kind"] == "lyco" and "lyco files (LyCORIS) of rank 2" in printed

@@ -11,8 +11,8 @@ exact original module objects in place.
 
 Under ``torch.compile`` the eager selection above (a Python loop over adapter names) becomes a
 guard: every new active set recompiles the graph. ``AdapterSet.stack()`` therefore stacks each
-layer's factors (rank zero-padded to the layer's largest) and the router then selects adapters by
-index *tensors*, so a compiled graph depends only on the call's structure (row groups, number of
+layer's factors (rank zero-padded to the layer's largest; dense LyCORIS/DoRA deltas in a stack of
+their own) and the router then selects adapters by index *tensors*, so a compiled graph depends only on the call's structure (row groups, number of
 active adapters), never on which LoRAs are active.
 """
 
@@ -402,7 +402,9 @@ class AdapterSet:
         self.components: dict[str, set[str]] = {}
 
     def attach(self, name: str, lora_file: LoRAFile, resolved: Sequence[ResolvedModule]) -> None:
-        """Install one resolved LoRA. ``resolve()`` already checked every key and shape."""
+        """Install one resolved LoRA. ``resolve()`` already checked every key and shape; each
+        layer's delta is built here once (``lycoris.layer_delta``: LoRA factors as read, LyCORIS
+        factors or a dense delta in the cheaper form), in the layer's dtype."""
         if name in self.names:
             raise ValueError(f"adapter name {name!r} is already installed")
         for item in resolved:

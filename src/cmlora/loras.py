@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import LoRAFileError, OptionError
+from .lycoris import alpha_rank, check_factors, check_layer, parse_kohya_stem
 from .paths import check_regular_file
 
 CATEGORIES = ("character", "clothing", "style", "background", "object")
@@ -146,8 +147,6 @@ class LoRAModuleWeights:
     def rank(self) -> int | None:
         """The rank alpha divides by, as LyCORIS trains it; None for a LoKr of two full factors,
         which LyCORIS trains at scale 1 whatever its alpha."""
-        from .lycoris import alpha_rank
-
         return alpha_rank(self.kind, self.tensors)
 
     @property
@@ -278,7 +277,8 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 def read_lora_file(path: str | Path, allow_pickle: bool = False, tensors: bool = True) -> LoRAFile:
-    """Read and validate one LoRA file into down/up pairs per target module key.
+    """Read and validate one LoRA file into its factors per target module key (LoRA down/up
+    pairs, or LyCORIS LoCon/LoHa/LoKr/DoRA factors: ``lycoris.py``).
 
     A safetensors file is judged from its header first: layout, dtypes, key patterns, pairs and
     ranks, all before a byte of tensor data is read, so a file claiming gigabytes is refused in
@@ -414,8 +414,6 @@ def _pair_up(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[list[LoRAMod
 def _pair_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> list[LoRAModuleWeights]:
     """kohya and LyCORIS files: ``<prefix><module>.<suffix>``, one stem per target module; the
     stem's suffixes say which algorithm it is (``lycoris.KOHYA_SUFFIXES``)."""
-    from .lycoris import parse_kohya_stem
-
     stems: dict[str, dict[str, str]] = {}
     for key in sorted(tensors):
         stem, dot, suffix = key.partition(".")
@@ -526,8 +524,6 @@ def _checked_module(
 ) -> LoRAModuleWeights:
     """One module's factors checked from shapes alone (meta tensors work), plus its alpha's value
     when the tensors are real."""
-    from .lycoris import check_factors
-
     source = roles.get("down") or next(iter(roles.values()))
     held = {role: tensors[key] for role, key in roles.items()}
     alpha = None if alpha_source is None else _scalar_alpha(path, tensors[alpha_source], alpha_source)
@@ -734,8 +730,6 @@ def _dotted_lookup(key: str, targets: dict[str, torch.nn.Module], text_encoder: 
 
 
 def _check_shapes(path: Path, entry: LoRAModuleWeights, module: torch.nn.Module, name: str) -> None:
-    from .lycoris import check_layer
-
     module = base_layer(module)
     if entry.kind != "lora" or "mid" in entry.tensors:
         check_layer(path, entry, module, name)

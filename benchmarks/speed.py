@@ -5,6 +5,7 @@ depend on the values), with N = 2..5 rank-64 LoRAs on all attention and feed-for
     python benchmarks/speed.py --preset gpu          # 512x512 SD-1.5 and 1024x1024 SDXL, fp16, CUDA
     python benchmarks/speed.py --arch tiny --n 2 --steps 3 --repeats 1   # smoke run (the test suite's)
     python benchmarks/speed.py --arch mini --n 5 --compile inductor     # torch.compile against eager
+    python benchmarks/speed.py --arch mini --n 5 --kind lyco            # five LoHa/LoKr files
 
 Per method and N: median seconds per image over repeats, full/cached UNet calls, UNet GMACs (attention
 counted), seconds inside UNet calls, share of the denoising loop spent outside UNet calls (activation,
@@ -233,7 +234,6 @@ def run(args, save=None) -> dict:
     """``save`` gets the result so far after each row: a run stopped by a time limit keeps its rows."""
     from cmlora import LoRA
     from cmlora.api import Composer
-    from cmlora.tiny import write_random_lora
 
     torch.set_flush_denormal(True)
     if args.threads:
@@ -247,13 +247,12 @@ def run(args, save=None) -> dict:
     sizes = [int(n) for n in args.n.split(",")]
     folder = Path(tempfile.mkdtemp(prefix="cmlora-bench-"))
     files = [
-        write_random_lora(
-            pipe, folder / f"{CATEGORY_ORDER[k]}.safetensors", rank=args.rank, seed=k, scale=0.01
-        )
-        for k in range(max(sizes))
+        write_file(args, pipe, folder / f"{CATEGORY_ORDER[k]}.safetensors", k) for k in range(max(sizes))
     ]
     rows = []
     labels = args.methods.split(",")
+    if args.kind != "lora":  # diffusers + PEFT cannot load LoHa/LoKr files: only the no-LoRA floor
+        labels = [m for m in labels if m not in PEERS or m == "diffusers-plain"]
     for n in sizes:
         for label in (m for m in labels if m in PEERS):
             rows.append(run_peer(args, pipe, label, files[:n], size))
@@ -325,6 +324,17 @@ def run(args, save=None) -> dict:
                 if save is not None:  # after every row: a run cut short keeps what it measured
                     save(_result(args, size, rows))
     return _result(args, size, rows)
+
+
+def write_file(args, pipe, path: Path, k: int) -> Path:
+    """The k-th LoRA file of a run: plain LoRA, or (``--kind lyco``) LoHa and LoKr files in turn,
+    their factors of rank ``--lyco-rank`` on the same layers (so a row's extra cost is the format's)."""
+    from cmlora.tiny import write_random_lora, write_random_lycoris
+
+    if args.kind == "lora":
+        return write_random_lora(pipe, path, rank=args.rank, seed=k, scale=0.01)
+    kind = ("loha", "lokr")[k % 2] if args.kind == "lyco" else args.kind
+    return write_random_lycoris(pipe, path, kind, rank=args.lyco_rank, seed=k, scale=0.05)
 
 
 def peft_layers(pipe) -> int:
@@ -506,6 +516,8 @@ def _result(args, size: int, rows: list[dict]) -> dict:
         "dtype": args.dtype,
         "device": args.device,
         "rank": args.rank,
+        "kind": args.kind,
+        "lyco_rank": args.lyco_rank,
         "repeats": args.repeats,
         "batch": args.batch,
         "fuse": args.fuse,
@@ -542,7 +554,13 @@ def _modes(mode: str, applies: bool) -> tuple[str, ...]:
 def table(result: dict) -> str:
     lines = [
         f"{result['arch']} {result['size']}x{result['size']} T={result['steps']} {result['dtype']} "
-        f"{result['device']} rank {result['rank']}, median of {result['repeats']}"
+        f"{result['device']} "
+        + (
+            f"rank {result['rank']}"
+            if result.get("kind", "lora") == "lora"
+            else f"{result['kind']} files (LyCORIS) of rank {result['lyco_rank']}"
+        )
+        + f", median of {result['repeats']}"
         + (f", UNet blocks compiled ({result['compile']})" if result.get("compile") else ""),
         "| N | method | s/image | full | cached | GMAC | outside UNet | peak GB | x merge | composite / this "
         "| x floor | x peer |",
@@ -592,6 +610,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument(
+        "--kind",
+        choices=("lora", "loha", "lokr", "lyco"),
+        default="lora",
+        help="LoRA files of the run: plain LoRA (rank --rank), or LyCORIS: loha, lokr, or lyco "
+        "(LoHa and LoKr in turn), of rank --lyco-rank; PEFT peer rows only run with plain LoRA files",
+    )
+    parser.add_argument("--lyco-rank", type=int, default=8)
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

@@ -20,6 +20,7 @@ import torch
 
 from .errors import LoRAFileError, OptionError
 from .files import sha256_file
+from .lycoris import alpha_rank, check_factors, check_layer, parse_kohya_stem
 from .paths import check_regular_file
 
 CATEGORIES = ("character", "clothing", "style", "background", "object")
@@ -37,10 +38,15 @@ _SAFETENSORS_DTYPES = {
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 """Python pickles: loading one can run arbitrary code, so each needs an explicit allow_pickle."""
-_LYCORIS_MARKERS = ("hada_w", "lokr_w", "oft_", "lora_mid", ".on_input", "lokr_t")
+_LYCORIS_MARKERS = ("hada_", "lokr_", "lora_mid")
+"""Keys of the LyCORIS algorithms cmlora reads (``lycoris.py``): kohya layout only."""
+_LYCORIS_UNSUPPORTED = ("oft_", ".on_input")
+"""OFT/BOFT (oft_blocks, oft_R) and IA3 (on_input): refused by name (GLoRA's keys are refused as
+keys of no module)."""
 # LyCORIS full-difference keys end so; as a substring ".diff" would also match every key of a full
 # checkpoint (``model.diffusion_model.*``) and call it LyCORIS
 _LYCORIS_SUFFIXES = (".diff", ".diff_b")
+SUPPORTED_KINDS = "LoRA, LoCon (with Tucker lora_mid), LoHa, LoKr and DoRA (dora_scale) files"
 _COMPONENT_PREFIXES = {
     "lora_unet_": "unet",
     "lora_te_": "text_encoder",
@@ -105,27 +111,48 @@ class LoRA:
 
 @dataclass
 class LoRAModuleWeights:
-    """One down/up pair of a file: ``key`` names the target module (for resolution), ``source`` the
-    file's own down-weight key (for error messages, so users can find it in the file). Until
-    ``load_lora_tensors`` ran, ``down``/``up`` are meta tensors (shapes only) and ``alpha`` None."""
+    """The factors a file holds for one target module.
+
+    ``kind`` is the algorithm: "lora" (down/up, LoCon's optional Tucker ``mid``), "loha" (hada
+    w1a/w1b/w2a/w2b, optional t1/t2) or "lokr" (w1 or w1a/w1b, w2 or w2a/w2b, optional t2);
+    ``tensors`` maps each role to its tensor, plus "dora_scale" for a weight-decomposed (DoRA)
+    module, and ``sources`` maps each role to the file's own key (for error messages, and so that
+    ``load_lora_tensors`` reads them from there). ``key`` names the target module (for resolution),
+    ``source`` the file key errors about the whole module name. Until ``load_lora_tensors`` ran,
+    the tensors are meta tensors (shapes only) and ``alpha`` is None.
+    """
 
     component: str
     key: str
-    down: torch.Tensor
-    up: torch.Tensor
+    tensors: dict[str, torch.Tensor]
     alpha: float | None
+    kind: str = "lora"
+    sources: dict[str, str] = field(default_factory=dict)
     source: str = ""
-    up_source: str = ""
     alpha_source: str | None = None
-    """Keys of the up weight and alpha in the file: ``load_lora_tensors`` reads them from there."""
 
     @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
+    def down(self) -> torch.Tensor:
+        return self.tensors["down"]
+
+    @property
+    def up(self) -> torch.Tensor:
+        return self.tensors["up"]
+
+    @property
+    def dora_scale(self) -> torch.Tensor | None:
+        return self.tensors.get("dora_scale")
+
+    @property
+    def rank(self) -> int | None:
+        """The rank alpha divides by, as LyCORIS trains it; None for a LoKr of two full factors,
+        which LyCORIS trains at scale 1 whatever its alpha."""
+        return alpha_rank(self.kind, self.tensors)
 
     @property
     def scale(self) -> float:
-        return 1.0 if self.alpha is None else self.alpha / self.rank
+        rank = self.rank
+        return 1.0 if self.alpha is None or rank is None else self.alpha / rank
 
 
 @dataclass
@@ -246,7 +273,8 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 def read_lora_file(path: str | Path, allow_pickle: bool = False, tensors: bool = True) -> LoRAFile:
-    """Read and validate one LoRA file into down/up pairs per target module key.
+    """Read and validate one LoRA file into its factors per target module key (LoRA down/up
+    pairs, or LyCORIS LoCon/LoHa/LoKr/DoRA factors: ``lycoris.py``).
 
     A safetensors file is judged from its header first: layout, dtypes, key patterns, pairs and
     ranks, all before a byte of tensor data is read, so a file claiming gigabytes is refused in
@@ -298,7 +326,7 @@ def load_lora_tensors(lora_file: LoRAFile, modules: list[LoRAModuleWeights] | No
     Values are checked (finite; alpha a positive scalar) and the file's SHA-256 is computed.
     """
     wanted = lora_file.modules if modules is None else modules
-    pending = [m for m in wanted if m.down.is_meta]
+    pending = [m for m in wanted if any(t.is_meta for t in m.tensors.values())]
     path = lora_file.path
     if pending:
         from safetensors import safe_open
@@ -306,8 +334,8 @@ def load_lora_tensors(lora_file: LoRAFile, modules: list[LoRAModuleWeights] | No
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for module in pending:
-                    module.down = _read_tensor(path, handle, module.source, module.down)
-                    module.up = _read_tensor(path, handle, module.up_source, module.up)
+                    for role, tensor in module.tensors.items():
+                        module.tensors[role] = _read_tensor(path, handle, module.sources[role], tensor)
                     if module.alpha_source is not None:
                         alpha = _read_tensor(path, handle, module.alpha_source, None)
                         module.alpha = _scalar_alpha(path, alpha, module.alpha_source)
@@ -352,39 +380,62 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 def _pair_up(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[list[LoRAModuleWeights], str]:
     keys = list(tensors)
     for key in keys:
-        if any(marker in key for marker in _LYCORIS_MARKERS) or key.endswith(_LYCORIS_SUFFIXES):
+        if any(marker in key for marker in _LYCORIS_UNSUPPORTED) or key.endswith(_LYCORIS_SUFFIXES):
             raise LoRAFileError(
                 path,
-                "this is a LyCORIS (LoHa/LoKr/OFT) file; only plain LoRA (down/up) files are supported",
+                "this LyCORIS algorithm (OFT/BOFT, IA3, GLoRA or full-difference) is not supported; "
+                f"cmlora reads {SUPPORTED_KINDS}",
                 key=key,
             )
-        if "dora_scale" in key or "lora_magnitude_vector" in key:
-            raise LoRAFileError(path, "DoRA files are not supported (only plain LoRA)", key=key)
+        if "lora_magnitude_vector" in key:
+            raise LoRAFileError(
+                path,
+                "PEFT DoRA (lora_magnitude_vector) is not supported; kohya/LyCORIS DoRA files "
+                "(lora_unet_*.dora_scale) are",
+                key=key,
+            )
     if any(k.startswith(tuple(_COMPONENT_PREFIXES)) for k in keys):
         return _pair_kohya(path, tensors), "kohya"
+    for key in keys:
+        if any(marker in key for marker in _LYCORIS_MARKERS) or "dora_scale" in key:
+            raise LoRAFileError(
+                path,
+                "LyCORIS (LoHa/LoKr/LoCon Tucker/DoRA) keys are read in the kohya layout only "
+                "(lora_unet_*, lora_te_*, lora_te1_*, lora_te2_* prefixes); this file uses another",
+                key=key,
+            )
     return _pair_dotted(path, tensors), "diffusers"
 
 
 def _pair_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> list[LoRAModuleWeights]:
+    """kohya and LyCORIS files: ``<prefix><module>.<suffix>``, one stem per target module; the
+    stem's suffixes say which algorithm it is (``lycoris.KOHYA_SUFFIXES``)."""
+    stems: dict[str, dict[str, str]] = {}
+    for key in sorted(tensors):
+        stem, dot, suffix = key.partition(".")
+        if dot:
+            stems.setdefault(stem, {})[suffix] = key
     modules: list[LoRAModuleWeights] = []
     used: set[str] = set()
-    for key in sorted(tensors):
-        if not key.endswith(".lora_down.weight"):
-            continue
-        stem = key[: -len(".lora_down.weight")]
-        up_key, alpha_key = stem + ".lora_up.weight", stem + ".alpha"
-        if up_key not in tensors:
-            raise LoRAFileError(path, "lora_down without its lora_up", key=key)
+    for stem, suffixes in stems.items():
+        parsed = parse_kohya_stem(path, stem, suffixes, tensors)
+        if parsed is None:
+            continue  # no factor keys: whatever the stem holds is refused as left over below
+        kind, roles, alpha_key = parsed
         prefix = next((p for p in _COMPONENT_PREFIXES if stem.startswith(p)), None)
+        first = roles.get("down", next(iter(roles.values())))
         if prefix is None:
             raise LoRAFileError(
-                path, "key does not start with lora_unet_/lora_te_/lora_te1_/lora_te2_", key=key
+                path, "key does not start with lora_unet_/lora_te_/lora_te1_/lora_te2_", key=first
             )
-        alpha = alpha_key if alpha_key in tensors else None
         modules.append(
-            _checked_pair(path, _COMPONENT_PREFIXES[prefix], stem[len(prefix) :], tensors, key, up_key, alpha)
+            _checked_module(
+                path, _COMPONENT_PREFIXES[prefix], stem[len(prefix) :], tensors, kind, roles, alpha_key
+            )
         )
-        used.update({key, up_key, alpha_key})
+        used.update(roles.values())
+        if alpha_key is not None:
+            used.add(alpha_key)
     _refuse_leftovers(path, tensors, used)
     return modules
 
@@ -432,10 +483,10 @@ def _scalar_alpha(path: Path, tensor: torch.Tensor, key: str) -> float | None:
     return None if tensor.is_meta else float(tensor.reshape(()).item())
 
 
-def _check_alpha(path: Path, alpha: float | None, source: str, rank: int) -> None:
+def _check_alpha(path: Path, alpha: float | None, source: str, rank: int | None) -> None:
     if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
         raise LoRAFileError(path, f"alpha must be a positive finite number, got {alpha}", key=source)
-    if alpha is not None and alpha / rank > MAX_STRENGTH:
+    if alpha is not None and rank is not None and alpha / rank > MAX_STRENGTH:
         raise LoRAFileError(
             path,
             f"alpha {alpha:g} at rank {rank} scales the LoRA by {alpha / rank:g}, over {MAX_STRENGTH:g}: "
@@ -453,32 +504,51 @@ def _checked_pair(
     up_source: str,
     alpha_source: str | None,
 ) -> LoRAModuleWeights:
-    """One down/up pair checked from shapes alone (meta tensors work), plus its alpha's value
+    """One down/up pair of the diffusers/PEFT layouts (see ``_checked_module``)."""
+    roles = {"down": source, "up": up_source}
+    return _checked_module(path, component, module, tensors, "lora", roles, alpha_source)
+
+
+def _checked_module(
+    path: Path,
+    component: str,
+    module: str,
+    tensors: dict[str, torch.Tensor],
+    kind: str,
+    roles: dict[str, str],
+    alpha_source: str | None,
+) -> LoRAModuleWeights:
+    """One module's factors checked from shapes alone (meta tensors work), plus its alpha's value
     when the tensors are real."""
-    down, up = tensors[source], tensors[up_source]
+    source = roles.get("down") or next(iter(roles.values()))
+    held = {role: tensors[key] for role, key in roles.items()}
     alpha = None if alpha_source is None else _scalar_alpha(path, tensors[alpha_source], alpha_source)
-    if down.dim() not in (2, 4) or up.dim() not in (2, 4):
-        raise LoRAFileError(
-            path, f"down {list(down.shape)} / up {list(up.shape)} must be 2-D or 4-D", key=source
-        )
-    rank = down.shape[0]
-    if not 0 < rank <= MAX_RANK or up.shape[1] != rank:
-        raise LoRAFileError(
-            path, f"ranks do not match: down {list(down.shape)} vs up {list(up.shape)}", key=source
-        )
-    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
-        raise LoRAFileError(path, f"up weight must be 1x1, got {list(up.shape)}", key=source)
-    _check_alpha(path, alpha, source, rank)
-    return LoRAModuleWeights(
+    if kind == "lora":
+        down, up = held["down"], held["up"]
+        if down.dim() not in (2, 4) or up.dim() not in (2, 4):
+            raise LoRAFileError(
+                path, f"down {list(down.shape)} / up {list(up.shape)} must be 2-D or 4-D", key=source
+            )
+        rank = down.shape[0]
+        if not 0 < rank <= MAX_RANK or up.shape[1] != rank:
+            raise LoRAFileError(
+                path, f"ranks do not match: down {list(down.shape)} vs up {list(up.shape)}", key=source
+            )
+        if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+            raise LoRAFileError(path, f"up weight must be 1x1, got {list(up.shape)}", key=source)
+    check_factors(path, kind, held, roles)
+    weights = LoRAModuleWeights(
         component=component,
         key=module,
-        down=down,
-        up=up,
+        tensors=held,
         alpha=alpha,
+        kind=kind,
+        sources=dict(roles),
         source=source,
-        up_source=up_source,
         alpha_source=alpha_source,
     )
+    _check_alpha(path, alpha, source, weights.rank)
+    return weights
 
 
 def _refuse_leftovers(path: Path, tensors: dict[str, torch.Tensor], used: set[str]) -> None:
@@ -656,8 +726,11 @@ def _dotted_lookup(key: str, targets: dict[str, torch.nn.Module], text_encoder: 
 
 
 def _check_shapes(path: Path, entry: LoRAModuleWeights, module: torch.nn.Module, name: str) -> None:
-    down, up = entry.down, entry.up
     module = base_layer(module)
+    if entry.kind != "lora" or "mid" in entry.tensors:
+        check_layer(path, entry, module, name)
+        return
+    down, up = entry.down, entry.up
     if isinstance(module, torch.nn.Linear):
         in_f, out_f = module.in_features, module.out_features
         ok = (
@@ -687,3 +760,4 @@ def _check_shapes(path: Path, entry: LoRAModuleWeights, module: torch.nn.Module,
             f"(expects {expected}): the LoRA was made for another base model",
             key=entry.source or entry.key,
         )
+    check_layer(path, entry, module, name)  # its dora_scale, if any

@@ -1,8 +1,8 @@
 """UNet multiply-accumulate counts, attention matmuls included.
 
 torch's FlopCounterMode does not see CPU attention kernels, so MACs are counted with forward
-hooks: Linear and Conv2d layers, the LoRA deltas that were active, and each attention module's
-QK^T and AV products. A count depends only on shapes and on which adapters run, so it is taken
+hooks: Linear and Conv2d layers, each LoRA layer's own count of what its active deltas cost
+(``LoRAWrapped.macs``), and each attention module's QK^T and AV products. A count depends only on shapes and on which adapters run, so it is taken
 once per call signature, during a real call, and reused. A fused layer counts as its base
 layer; building a fused weight (once per active set, not per call) is not a UNet MAC.
 """
@@ -15,6 +15,7 @@ import torch
 
 from .adapters import LoRAWrapped
 from .compiled import eager
+from .deltas import conv_macs, linear_macs
 
 
 def _attention_types() -> tuple[type, ...]:
@@ -37,39 +38,13 @@ class MacCounter:
         attention = _attention_types()
 
         def linear_hook(module, args, output):
-            total[0] += output.numel() * module.in_features
+            total[0] += linear_macs(module, output)
 
         def conv_hook(module, args, output):
-            kh, kw = module.kernel_size
-            total[0] += output.numel() * (module.in_channels // module.groups) * kh * kw
+            total[0] += conv_macs(module, output)
 
         def lora_hook(module: LoRAWrapped, args, output):
-            x = args[0]
-            router = module.router
-            if module.fused_active():  # one matmul with the fused weight; the base's hook did not run
-                base = module.base
-                if isinstance(base, torch.nn.Linear):
-                    linear_hook(base, args, output)
-                else:
-                    conv_hook(base, args, output)
-                return
-            groups = (
-                [(x.shape[0], router.active)]
-                if router.rows is None
-                else [(g.rows.stop - g.rows.start, g.active) for g in router.rows]
-            )
-            for rows, active in groups:
-                for name, strength in active:
-                    delta = module.deltas.get(name)
-                    if delta is None or strength == 0.0:
-                        continue
-                    rank = delta.down.shape[0]
-                    if delta.conv_args is None:
-                        tokens = rows * (x[0].numel() // x.shape[-1])
-                        total[0] += tokens * rank * (delta.down.shape[1] + delta.up.shape[0])
-                    else:
-                        spatial = rows * output.shape[-1] * output.shape[-2]
-                        total[0] += spatial * rank * (delta.down[0].numel() + delta.up.shape[0])
+            total[0] += module.macs(args[0], output)  # the layer knows what its deltas cost
 
         def attention_hook(module, args, kwargs, output):
             hidden = args[0] if args else kwargs["hidden_states"]

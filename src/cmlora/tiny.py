@@ -239,3 +239,67 @@ def write_random_lora(pipe, path, **kwargs) -> Path:
     path = Path(path)
     save_file(random_lora_state_dict(pipe, **kwargs), str(path))
     return path
+
+
+def _lycoris_factors(kind: str, out_f: int, in_f: int, rank: int, generator, scale: float) -> dict:
+    """Random LoHa or LoKr factors for an (out_f, in_f) Linear, in the LyCORIS suffix layout.
+    LoKr splits both sides by 8 where they divide (``lokr_w1`` 8x8, ``lokr_w2_a/b`` of ``rank``),
+    a common LoKr training setting (LyCORIS ``factor=8``)."""
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator) * scale
+
+    if kind == "loha":
+        return {
+            "hada_w1_a": randn(out_f, rank),
+            "hada_w1_b": randn(rank, in_f),
+            "hada_w2_a": randn(out_f, rank),
+            "hada_w2_b": randn(rank, in_f),
+        }
+    if kind == "lokr":
+        a = 8 if out_f % 8 == 0 else 1
+        c = 8 if in_f % 8 == 0 else 1
+        return {
+            "lokr_w1": randn(a, c),
+            "lokr_w2_a": randn(out_f // a, rank),
+            "lokr_w2_b": randn(rank, in_f // c),
+        }
+    raise ValueError(f"unknown LyCORIS kind {kind!r}; use loha or lokr")
+
+
+def random_lycoris_state_dict(
+    pipe, kind: str, rank: int = 4, seed: int = 0, scale: float = 0.3, text_encoder: bool = True
+) -> dict[str, torch.Tensor]:
+    """A LoHa or LoKr file (kohya/LyCORIS layout, with alpha = rank) on the layers
+    ``random_lora_state_dict`` targets: for benchmarks and smoke runs without lycoris-lora."""
+    generator = torch.Generator().manual_seed(seed)
+    components = [("unet", UNET_TARGETS)]
+    if text_encoder:
+        components.append(("text_encoder", TEXT_TARGETS))
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            components.append(("text_encoder_2", TEXT_TARGETS))
+    kohya_prefix = {
+        "unet": "lora_unet_",
+        "text_encoder": "lora_te1_" if hasattr(pipe, "text_encoder_2") else "lora_te_",
+        "text_encoder_2": "lora_te2_",
+    }
+    state: dict[str, torch.Tensor] = {}
+    for component, targets in components:
+        for name, module in getattr(pipe, component).named_modules():
+            if not isinstance(module, torch.nn.Linear) or not name.endswith(targets):
+                continue
+            path = name if component == "unet" or name.startswith("text_model.") else "text_model." + name
+            key = kohya_prefix[component] + path.replace(".", "_")
+            factors = _lycoris_factors(kind, module.out_features, module.in_features, rank, generator, scale)
+            for suffix, tensor in factors.items():
+                state[f"{key}.{suffix}"] = tensor
+            state[key + ".alpha"] = torch.tensor(float(rank))
+    return state
+
+
+def write_random_lycoris(pipe, path, kind: str, **kwargs) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file(random_lycoris_state_dict(pipe, kind, **kwargs), str(path))
+    return path

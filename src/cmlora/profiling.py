@@ -64,15 +64,11 @@ def _prompt_for(lora: LoRA, prompt: str | None, base_prompt: str) -> str:
 
 def _check_inputs(loras: Sequence[LoRA], seeds: Sequence[int], threshold: float | None) -> list[LoRA]:
     """Fail before any image is made: profiling is slow, so a late error wastes minutes."""
-    from .request import check_loras
+    from .request import check_loras, check_seeds
 
     if not loras:
         raise OptionError("profile_loras needs at least one LoRA")
-    if not seeds:
-        raise OptionError("profile_loras needs at least one seed")
-    for seed in seeds:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise OptionError(f"seeds must be integers >= 0, got {seed!r}")
+    check_seeds(seeds)
     if len(set(seeds)) != len(seeds):
         raise OptionError(f"seeds must be distinct (a repeated seed repeats an image), got {list(seeds)}")
     if threshold is not None and (

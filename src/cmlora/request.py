@@ -81,6 +81,17 @@ def resolve_method(method: object, variant: str | None = None) -> tuple[str, str
     return name, named
 
 
+def check_seeds(seeds: object) -> tuple[int, ...]:
+    """At least one seed, each an integer a CPU generator takes (profiling uses the rule too)."""
+    seeds = tuple(seeds) if isinstance(seeds, list | tuple) else (seeds,)
+    if not seeds:
+        raise OptionError("seeds is empty: give at least one seed")
+    for s in seeds:
+        if not _is_int(s) or not 0 <= s <= MAX_SEED:
+            raise OptionError(f"seed must be an integer in [0, 2**63-1], got {s!r}")
+    return seeds  # type: ignore[return-value]
+
+
 def seeds_from(seed: int | Sequence[int], num_images: int = 1) -> tuple[int, ...]:
     """``seed, seed+1, ...`` for ``num_images`` images, or an explicit list of seeds."""
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
@@ -161,13 +172,7 @@ class GenerationRequest:
                 raise OptionError(f"{label} must be a positive multiple of {SIZE_MULTIPLE}, got {value!r}")
             if value > MAX_SIDE:
                 raise OptionError(f"{label} {value} is larger than {MAX_SIDE} pixels")
-        seeds = tuple(self.seeds) if isinstance(self.seeds, list | tuple) else (self.seeds,)
-        if not seeds:
-            raise OptionError("seeds is empty: give at least one seed")
-        for s in seeds:
-            if not _is_int(s) or not 0 <= s <= MAX_SEED:
-                raise OptionError(f"seed must be an integer in [0, 2**63-1], got {s!r}")
-        set_(self, "seeds", seeds)
+        set_(self, "seeds", check_seeds(self.seeds))
         if not _is_int(self.batch_size) or self.batch_size < 1:
             raise OptionError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if not isinstance(self.options, Mapping):

@@ -10,7 +10,8 @@ from conftest import assert_same_state, pipeline_state
 from cmlora import LoRA, compose
 from cmlora.api import Composer
 from cmlora.errors import OptionError
-from cmlora.loras import read_lora_file, resolve
+from cmlora.lora_resolution import resolve
+from cmlora.loras import read_lora_file
 from cmlora.macs import MacCounter
 from cmlora.methods import build_method
 from cmlora.request import GenerationRequest

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from cmlora import LoRA, LoRAFileError, OptionError, compose
 from cmlora.api import Composer
-from cmlora.loras import check_safetensors_header, read_lora_file, resolve
+from cmlora.lora_resolution import resolve
+from cmlora.loras import check_safetensors_header, read_lora_file
 from cmlora.tiny import random_lora_state_dict
 
 

@@ -25,7 +25,8 @@ from cmlora import LoRA, LoRAFileError
 from cmlora.adapters import LoRAWrapped
 from cmlora.api import Composer
 from cmlora.deltas import DenseDelta, LowRankDelta
-from cmlora.loras import read_lora_file, resolve
+from cmlora.lora_resolution import resolve
+from cmlora.loras import read_lora_file
 
 RTOL, ATOL = 1e-4, 1e-5
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from .deltas import DenseDelta, LowRankDelta, conv_macs, linear_macs
 from .errors import OptionError
-from .loras import LoRAFile, ResolvedModule, base_layer
+from .lora_resolution import ResolvedModule, base_layer
+from .loras import LoRAFile
 from .lycoris import Factors, layer_delta
 
 Activation = tuple[tuple[str, float], ...]

@@ -18,7 +18,8 @@ from .adapters import AdapterSet, installed_in
 from .calls import Conditioning
 from .compiled import check_backend, compile_blocks, composing, uncompile_blocks
 from .errors import OptionError
-from .loras import LoRA, LoRAFile, load_lora_tensors, read_lora_file, resolve
+from .lora_resolution import resolve
+from .loras import LoRA, LoRAFile, load_lora_tensors, read_lora_file
 from .macs import MacCounter
 from .methods import Method
 from .plans import StepPlan

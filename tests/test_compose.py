@@ -412,10 +412,10 @@ def test_each_unet_call_is_timed_between_device_barriers(sd15, sd15_loras, monke
     barrier is recorded here, and its CUDA branch is checked with a stand-in tensor)."""
     import types
 
-    import cmlora.sampler as sampler
+    import cmlora.calls as calls
 
     events = []
-    monkeypatch.setattr(sampler, "_wait_for_device", lambda x: events.append("barrier"))
+    monkeypatch.setattr(calls, "_wait_for_device", lambda x: events.append("barrier"))
     hook = sd15.unet.register_forward_hook(lambda *a: events.append("unet"))
     try:
         rec = compose(
@@ -436,6 +436,6 @@ def test_each_unet_call_is_timed_between_device_barriers(sd15, sd15_loras, monke
 
     synced = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
-    sampler._wait_for_device(torch.zeros(1))
-    sampler._wait_for_device(types.SimpleNamespace(is_cuda=True, device="cuda:1"))
+    calls._wait_for_device(torch.zeros(1))
+    calls._wait_for_device(types.SimpleNamespace(is_cuda=True, device="cuda:1"))
     assert synced == ["cuda:1"]

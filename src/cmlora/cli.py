@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_subcommands(sub)
     add_report_subcommand(sub)
 
-    from .webui import add_ui_subcommand
+    from .app.ui import add_ui_subcommand
 
     add_ui_subcommand(sub)
     return parser

@@ -50,7 +50,7 @@ CSS = """
 """
 #: Runs in the browser before the job is sent: on a phone the status is below the form.
 SCROLL_JS = (
-    "(...args) => { document.getElementById('status')?.scrollIntoView({block: 'start'}); return args; }"
+    "(...args) => { document.getElementById('status')?.scrollIntoView({block: 'nearest'}); return args; }"
 )
 
 
@@ -209,7 +209,7 @@ def build_page(ctx: UIContext):
                     gr.Markdown(method_help_markdown(METHOD_LABELS))
                 with gr.Row(equal_height=True):
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="seed", min_width=100)
-                    dice = gr.Button("🎲 Random seed", elem_id="random-seed", min_width=100, scale=0)
+                    dice = gr.Button("Random seed", elem_id="random-seed", min_width=100, scale=0)
                 with gr.Row():
                     steps = gr.Number(
                         d.steps,
@@ -279,6 +279,7 @@ def build_page(ctx: UIContext):
                                     show_label=True,
                                     label=f"method {k + 1}",
                                     buttons=["download", "fullscreen"],
+                                    height=220,
                                     elem_id=f"card-image-{k}",
                                 )
                             )
@@ -292,8 +293,8 @@ def build_page(ctx: UIContext):
                 gr.Markdown(metric_help_markdown(), elem_classes="legend")
                 history = gr.Gallery(
                     label="This session's images (newest first)",
-                    columns=6,
-                    height=260,
+                    columns=8,
+                    height=200,
                     object_fit="contain",
                     format="png",
                     elem_id="history",
@@ -361,7 +362,7 @@ def build_page(ctx: UIContext):
                 time.sleep(POLL_SECONDS)
 
         def run(token_value, rows, prompt_v, negative_v, methods_v, seed_v, steps_v, width_v, height_v,
-                guidance_v, scale_v, profile_v, options_v, progress=gr.Progress()):  # fmt: skip
+                guidance_v, scale_v, profile_v, options_v, progress=gr.Progress()):  # noqa: B008  # fmt: skip
             skip = [gr.skip()] * len(card_outputs)
             if not valid_token(token_value):
                 yield [
@@ -370,6 +371,8 @@ def build_page(ctx: UIContext):
                     gr.skip(),
                 ]
                 return
+            order = {label: k for k, label in enumerate(METHOD_LABELS)}  # the picker's order, not the clicks'
+            methods_v = sorted(methods_v or [], key=lambda m: order.get(m, len(order)))
             form = Form(rows or [], prompt_v, negative_v, methods_v, seed_v, steps_v, width_v, height_v,
                         guidance_v, scale_v, profile_v or None, options_v)  # fmt: skip
             try:

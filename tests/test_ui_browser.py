@@ -82,19 +82,26 @@ def test_queue_flood_is_refused_and_cancel_acts_fast(live):
     with urllib.request.urlopen(live.url + "config", timeout=30) as response:
         config = json.loads(response.read())
     fn_index = next(k for k, dep in enumerate(config["dependencies"]) if dep.get("api_name") == "generate")
-    table = {"headers": ["LoRA", "weight", "category", "order"], "data": [["character_1", 1.0, "character", 1]]}
+    table = {
+        "headers": ["LoRA", "weight", "category", "order"],
+        "data": [["character_1", 1.0, "character", 1]],
+    }
 
     def join(token: str | None, session: str) -> tuple[int, dict]:
         data = [token, table, "tinbot", "", ["merge"], 0, 200, 64, 64, 5.0, 1.0, "", ""]
         body = {"data": data, "fn_index": fn_index, "session_hash": session, "trigger_id": None}
-        return _post(live.url + "gradio_api/queue/join", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        return _post(
+            live.url + "gradio_api/queue/join",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
 
     token = new_token()
     assert join(token, "blocker0")[0] == 200  # a 200-step job holds the one generation slot
     deadline = time.monotonic() + 60
-    while (live.runner.job(token) is None or live.runner.snapshot(live.runner.job(token))["progress"][0].step < 1) and (
-        time.monotonic() < deadline
-    ):
+    while (
+        live.runner.job(token) is None or live.runner.snapshot(live.runner.job(token))["progress"][0].step < 1
+    ) and (time.monotonic() < deadline):
         time.sleep(0.05)
     before = psutil.Process().memory_info().rss
     answers = [join(None, f"flood{k:04d}") for k in range(30)]  # no session: each would end at once

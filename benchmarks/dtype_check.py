@@ -35,8 +35,9 @@ def run(args, save=None) -> dict:
     from cmlora.evaluate.concepts import concept_recall
     from cmlora.mini.detectors import detect
     from cmlora.models import load_base
-    from cmlora.sweep_cli import MINI_DEFAULTS, CompositionGenerator, mini_compositions
     from cmlora.testbed.compositions import image_seed
+    from cmlora.testbed.generator import CompositionGenerator, mini_compositions
+    from cmlora.testbed.presets import MINI_DEFAULTS
     from cmlora.testbed.sweep import SweepJob
 
     comps = mini_compositions()[:: args.every]

@@ -59,8 +59,9 @@ def run(args) -> dict:
 
     from cmlora.evaluate.concepts import score_run
     from cmlora.models import load_base
-    from cmlora.sweep_cli import MINI_DEFAULTS, CompositionGenerator, mini_compositions
     from cmlora.testbed.compositions import image_seed
+    from cmlora.testbed.generator import CompositionGenerator, mini_compositions
+    from cmlora.testbed.presets import MINI_DEFAULTS
     from cmlora.testbed.sweep import SweepJob, run_sweep
 
     if args.threads:

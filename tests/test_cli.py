@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cmlora.cli import build_parser, main
+from cmlora.app.cli import build_parser, main
 from cmlora.records import read_record
 
 
@@ -125,12 +125,12 @@ def test_bad_options_exit_2(argv, fragment, sd15_loras, tmp_path, capsys):
 
 
 def test_disk_full_leaves_no_partial_file(monkeypatch, sd15_loras, tmp_path, capsys):
-    import cmlora.records as records
+    import cmlora.files as files
 
     def full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(records.os, "replace", full)
+    monkeypatch.setattr(files.os, "replace", full)
     code = main(
         [
             "generate",
@@ -160,7 +160,7 @@ def test_sigterm_during_generate_leaves_only_complete_files(sd15_loras, tmp_path
         [
             sys.executable,
             "-c",
-            "import sys, torch; torch.set_num_threads(1); from cmlora.cli import main; "
+            "import sys, torch; torch.set_num_threads(1); from cmlora.app.cli import main; "
             "sys.exit(main(sys.argv[1:]))",
             "generate",
             "--base",
@@ -261,7 +261,7 @@ def test_generate_no_fuse_flag_runs_merge_unfused(sd15_folder, sd15_loras, tmp_p
 
 
 def test_interrupt_message_promises_resume_only_where_it_holds():
-    from cmlora.cli import build_parser
+    from cmlora.app.cli import build_parser
 
     parser = build_parser()
     resumes = {

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from cmlora import LoRA, compose
-from cmlora.cli import main
+from cmlora.app.cli import main
 from cmlora.errors import GenerationError, LoRAFileError, OptionError
 from cmlora.loras import read_lora_file
 from cmlora.sampler import check_decoded, check_latents

@@ -221,7 +221,7 @@ def test_shipped_profile_orders_mini_compositions_by_default():
 def test_cli_generates_on_the_embedded_mini_model(tmp_path, capsys):
     from PIL import Image
 
-    from cmlora.cli import main
+    from cmlora.app.cli import main
 
     code = main(
         [

@@ -10,7 +10,7 @@ from PIL import Image
 
 from cmlora import LoRA, OptionError
 from cmlora.api import Composer
-from cmlora.cli import main
+from cmlora.app.cli import main
 from cmlora.frequency import HIGH_BAND_START, band_mean, order_and_partition
 from cmlora.profiles import ProfileFile, ProfileFileError, sha256_file
 from cmlora.profiling import plot_profile, print_ranking, profile_loras

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cmlora.cli import main
+from cmlora.app.cli import main
 from cmlora.errors import CmloraError
 
 
@@ -356,7 +356,7 @@ def test_pickled_base_folder_needs_allow_pickle(pickled_folder, sd15_loras, tmp_
 
 def test_pickled_vae_needs_allow_pickle(sd15, tmp_path):
     from cmlora.errors import OptionError
-    from cmlora.sweep_cli import apply_pipeline_settings
+    from cmlora.testbed.presets import apply_pipeline_settings
     from cmlora.tiny import tiny_sd15_pipeline
 
     sd15.vae.save_pretrained(tmp_path / "vae", safe_serialization=False)

@@ -19,14 +19,18 @@ def request(**kw):
 
 def test_defaults_are_normalised():
     r = request(method="cmlora-online", seeds=[3, 4], options={"threshold": 0.3})
-    assert (r.method, r.variant, r.label) == ("cmlora", "online", "cmlora-online")
+    assert (r.method_name, r.method_variant, r.label) == ("cmlora", "online", "cmlora-online")
+    assert (r.method, r.variant) == ("cmlora-online", None)
     assert r.seeds == (3, 4)
     assert dict(r.options) == {"threshold": 0.3}
     with pytest.raises(TypeError):
         r.options["threshold"] = 0.5  # read-only: a request cannot change after its checks
-    assert request(method="switch").variant == "standard"
+    assert request(method="switch").method_variant == "standard"
     assert request(method="switch").label == "switch"
-    assert request(method="merge").variant is None
+    assert request(method="switch", variant="profiled").label == "switch-profiled"
+    assert request(method="switch", variant="standard").label == "switch"
+    assert request(method="cmlora", variant="offline").label == "cmlora-offline"
+    assert request(method="merge").method_variant is None
 
 
 @pytest.mark.parametrize(
@@ -53,6 +57,7 @@ def test_defaults_are_normalised():
         ({"method": "fancy"}, "unknown method 'fancy'"),
         ({"method": "cmlora-turbo"}, "unknown cmlora variant 'turbo'"),
         ({"method": "merge", "variant": "x"}, "method 'merge' has no variants"),
+        ({"method": "cmlora", "variant": "x"}, "unknown cmlora variant 'x'; choose one of offline, online"),
         ({"method": "cmlora-online", "variant": "async"}, "already names a variant: drop variant='async'"),
         ({"method": "merge", "options": {"tau": 2}}, r"method 'merge' has no option\(s\) \['tau'\]"),
         ({"method": "cmlora", "options": {"cache_interval": 0}}, "cache_interval"),
@@ -67,6 +72,9 @@ def test_each_rule_refuses_with_the_value(kw, message):
 def test_replace_checks_again():
     r = request(method="composite")
     assert dataclasses.replace(r, method="merge").label == "merge"
+    online = request(method="cmlora", variant="online")
+    assert dataclasses.replace(online, method="merge").label == "merge"  # the variant does not carry over
+    assert dataclasses.replace(online, method="cmlora").label == "cmlora-offline"
     with pytest.raises(OptionError, match="num_inference_steps"):
         dataclasses.replace(r, steps=0)
 
@@ -119,3 +127,23 @@ def test_record_is_a_read_only_mapping_in_json_order(sd15, sd15_loras):
         record_json(record.as_dict())
     )
     assert list(json.loads(record_json(record))) == list(record)
+
+
+def test_readme_request_example(sd15, sd15_loras):
+    """The README's GenerationRequest example, on the tiny pipeline."""
+    from cmlora import GenerationRequest as Exported
+
+    loras = [LoRA(p) for p in sd15_loras[:2]]
+    request = Exported(
+        loras=tuple(loras),
+        prompt="x",
+        method="cmlora-online",
+        seeds=(0, 1),
+        options={"threshold": 0.4},
+        steps=3,
+    )
+    with Composer(sd15, request.loras) as c:
+        online = c.run(request, progress=False)
+        merged = c.run(dataclasses.replace(request, method="merge", options={}), progress=False)
+    assert [r.seed for r in online.records] == [0, 1] and online.records[0].options["threshold"] == 0.4
+    assert [r.method_label for r in merged.records] == ["merge", "merge"]

@@ -57,14 +57,14 @@ def sweep_argv(testbed, out):
 
 
 def run_cli(argv, env=None):
-    code = "import sys, torch; torch.set_num_threads(1); from cmlora.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys, torch; torch.set_num_threads(1); from cmlora.app.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=300
     )
 
 
 def test_sweep_single_and_sharded_are_identical(testbed, tmp_path):
-    from cmlora.cli import main
+    from cmlora.app.cli import main
 
     single = tmp_path / "single"
     assert main(sweep_argv(testbed, single)) == 0
@@ -89,7 +89,7 @@ def test_sweep_single_and_sharded_are_identical(testbed, tmp_path):
                 [
                     sys.executable,
                     "-c",
-                    "import sys, torch; torch.set_num_threads(1); from cmlora.cli import main; "
+                    "import sys, torch; torch.set_num_threads(1); from cmlora.app.cli import main; "
                     "sys.exit(main(sys.argv[1:]))",
                     *sweep_argv(testbed, sharded),
                 ],
@@ -126,7 +126,7 @@ def test_sweep_batch_size_denoises_seeds_together(testbed, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from cmlora.cli import main
+    from cmlora.app.cli import main
 
     images = {}
     for batch in (1, 2):
@@ -143,7 +143,7 @@ def test_sweep_batch_size_denoises_seeds_together(testbed, tmp_path):
 
 
 def test_sweep_refuses_changed_settings(testbed, tmp_path):
-    from cmlora.cli import main
+    from cmlora.app.cli import main
 
     out = tmp_path / "run"
     argv = sweep_argv(testbed, out)
@@ -160,7 +160,7 @@ def test_sweep_refuses_changed_settings(testbed, tmp_path):
 
 
 def _sweep_args(*extra):
-    from cmlora.cli import build_parser
+    from cmlora.app.cli import build_parser
 
     return build_parser().parse_args(["sweep", "--out", "o", *extra])
 
@@ -174,7 +174,7 @@ def _sweep_args(*extra):
     ],
 )
 def test_composlora_defaults_are_the_published_settings(style, preset, expected):
-    from cmlora.sweep_cli import _testbed
+    from cmlora.app.sweep import _testbed
 
     args = _sweep_args(
         "--testbed", "composlora", "--style", style, "--preset", preset, "--lora-dir", "L", "--base", "B"
@@ -187,8 +187,8 @@ def test_composlora_defaults_are_the_published_settings(style, preset, expected)
 
 
 def test_sweep_option_errors():
+    from cmlora.app.sweep import _testbed
     from cmlora.errors import OptionError
-    from cmlora.sweep_cli import _testbed
 
     base = ("--testbed", "composlora", "--lora-dir", "L", "--base", "B")
     with pytest.raises(OptionError, match="comma-separated integers"):
@@ -203,7 +203,7 @@ def test_apply_pipeline_settings(tmp_path):
     from diffusers import PNDMScheduler
 
     from cmlora.errors import OptionError
-    from cmlora.sweep_cli import apply_pipeline_settings
+    from cmlora.testbed.presets import apply_pipeline_settings
 
     pipe = tiny_sd15_pipeline()
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)  # what SD-1.5 checkpoints ship
@@ -226,8 +226,8 @@ def test_apply_pipeline_settings(tmp_path):
 def test_mini_testbed_has_240_compositions():
     from collections import Counter
 
+    from cmlora.app.sweep import _testbed
     from cmlora.models import mini_available
-    from cmlora.sweep_cli import _testbed
 
     if not mini_available():
         pytest.skip("mini world assets not installed")
@@ -238,7 +238,7 @@ def test_mini_testbed_has_240_compositions():
 
 
 def test_process_device():
-    from cmlora.sweep_cli import process_device
+    from cmlora.app.sweep import process_device
 
     assert process_device("auto", 0, 1, 0) == "auto"  # no GPU: the usual choice (CPU)
     assert process_device("auto", 1, 2, 2) == "cuda:1"  # accelerate launch: one GPU per process

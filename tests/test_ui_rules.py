@@ -305,14 +305,3 @@ def test_every_method_has_help():
 
     assert sorted(METHOD_HELP) == sorted(METHOD_LABELS)
     assert all(text.endswith(".") and text.count(". ") == 0 for text in METHOD_HELP.values())
-
-
-def test_the_ui_package_imports_no_other_front_end():
-    import ast
-
-    root = Path(__file__).resolve().parents[1] / "src" / "cmlora" / "app" / "ui"
-    for path in root.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                assert node.module.split(".")[-1] not in ("cli", "sweep_cli"), (path.name, node.module)

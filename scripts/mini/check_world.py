@@ -285,7 +285,7 @@ def check_cross_talk(gen: Generator, seeds, out: dict) -> None:
 
 def check_merge(gen: Generator, seeds, n_comp: int, out: dict) -> None:
     print(f"== merge interference: {n_comp} compositions of N = 2 and of N = 5, leave-one-out at N = 5")
-    from cmlora.sweep_cli import mini_compositions
+    from cmlora.testbed.generator import mini_compositions
 
     comps = {n: mini_compositions((n,)) for n in (2, 5)}
     rng = random.Random(0)

@@ -3,12 +3,15 @@
 from .api import Composer, ComposeResult, compose
 from .errors import CmloraError, LoRAFileError, OptionError
 from .loras import CATEGORIES, LoRA
+from .request import GenerationRecord, GenerationRequest
 
 __all__ = [
     "CATEGORIES",
     "CmloraError",
     "ComposeResult",
     "Composer",
+    "GenerationRecord",
+    "GenerationRequest",
     "LoRA",
     "LoRAFileError",
     "OptionError",

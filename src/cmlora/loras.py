@@ -9,7 +9,6 @@ of a LoRA is how the published code ended up composing something else than it cl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import LoRAFileError, OptionError
+from .files import sha256_file
 from .paths import check_regular_file
 
 CATEGORIES = ("character", "clothing", "style", "background", "object")
@@ -142,11 +142,7 @@ class LoRAFile:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def check_safetensors_header(path: Path) -> tuple[dict, dict[str, str]]:

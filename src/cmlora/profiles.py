@@ -15,7 +15,6 @@ File layout (``format`` guards against reading an unrelated JSON file)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -25,28 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from cmlora.errors import CmloraError
+from cmlora.files import atomic_write_bytes
+from cmlora.files import sha256_file as sha256_file  # re-exported: profile entries are keyed by it
 from cmlora.frequency import order_and_partition
 from cmlora.paths import regular_file_problem
-from cmlora.records import atomic_write_bytes
 
 FORMAT_NAME = "cmlora-profiles"
 FORMAT_VERSION = 1
 
 _HEX = frozenset("0123456789abcdef")
-_CHUNK = 1 << 20
 
 
 class ProfileFileError(CmloraError, ValueError):
     """A profile file cannot be read or does not cover a composition; names the file and the entry."""
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks (LoRA files run to hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -151,7 +141,7 @@ class ProfileFile:
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically (the project's one atomic-write helper: temporary file, fsync, os.replace).
+        """Write atomically (:func:`cmlora.files.atomic_write_bytes`: temporary file, fsync, os.replace).
 
         A reader (or a crash) never sees half a file, and a failed save leaves the old one intact.
         ``allow_nan=False`` because NaN is not JSON and other readers would reject the file.

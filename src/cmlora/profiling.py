@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .errors import OptionError
+from .files import sha256_file
 from .frequency import (
     DEFAULT_N_BINS,
     HIGH_BAND_START,
@@ -40,7 +41,7 @@ from .frequency import (
     radial_profile,
 )
 from .loras import LoRA
-from .profiles import LoRAProfileEntry, ProfileFile, sha256_file
+from .profiles import LoRAProfileEntry, ProfileFile
 
 #: Strength at which a LoRA is applied while profiled (see the module docstring).
 PROFILE_LORA_STRENGTH = 1.0

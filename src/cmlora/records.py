@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
 from .errors import RecordError
+from .files import atomic_write_bytes
 from .paths import check_regular_file
 
 RECORD_CHUNK = "cmlora"
@@ -53,71 +52,40 @@ def record_json(record: dict) -> str:
     return json.dumps(json_safe(record), indent=1, allow_nan=False)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make the rename itself durable (power loss right after os.replace)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def png_bytes(image, record: dict | None = None, *, text: str | None = None) -> bytes:
+    """The image as PNG with its record in the ``cmlora`` text chunk: the project's one PNG writer.
 
-
-def _create_temp(folder: Path, name: str) -> tuple[int, Path]:
-    """Open a new, uniquely named temporary file in ``folder`` with mode 0o666 minus the umask.
-
-    ``tempfile.mkstemp`` always creates 0o600, and ``os.replace`` keeps that mode, so every image,
-    report, plot and cache entry came out private whatever the umask said, unlike the files any
-    other tool (or ``open()``) makes.  Asking the kernel for 0o666 lets it apply the umask itself,
-    with no need to read the process-wide umask (which cannot be read without changing it).
+    ``text`` is the record already serialised, for writers whose chunk format is pinned elsewhere
+    (the sweep keeps its compact one-line JSON so that old and new run folders hold the same bytes);
+    with neither, the PNG carries no record (comparison sheets).
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"cannot create a temporary file for {name!r} in {str(folder)!r}")
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: never a half file.
-
-    The file gets the usual ``0o666 & ~umask`` mode (see :func:`_create_temp`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temp(path.parent, path.name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def png_bytes(image, record: dict) -> bytes:
     import io
 
     from PIL.PngImagePlugin import PngInfo
 
-    info = PngInfo()
-    info.add_text(RECORD_CHUNK, record_json(record))
+    if record is not None:
+        if text is not None:
+            raise ValueError("give the record or its text, not both")
+        text = record_json(record)
+    info = None
+    if text is not None:
+        info = PngInfo()
+        info.add_text(RECORD_CHUNK, text)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def png_record_text(source) -> str | None:
+    """The text of a PNG's ``cmlora`` chunk (``None`` when it has none), from a path or a file object.
+
+    Decoding errors propagate (OSError, ValueError, DecompressionBombError) for the caller to name
+    the file in its own terms.
+    """
+    from PIL import Image
+
+    with Image.open(source) as image:
+        return image.info.get(RECORD_CHUNK)
 
 
 def save_image(image, record: dict, png_path: Path) -> tuple[Path, Path]:
@@ -147,8 +115,7 @@ def read_record(path: Path) -> dict:
         from PIL import Image
 
         try:
-            with Image.open(path) as image:
-                text = image.info.get(RECORD_CHUNK)
+            text = png_record_text(path)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise RecordError(
                 f"{path}: not a readable image ({type(exc).__name__}: {exc}); give a PNG written by cmlora "

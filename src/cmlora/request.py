@@ -22,6 +22,7 @@ from typing import Any
 from .errors import OptionError
 from .loras import MAX_STRENGTH, LoRA
 from .methods import (
+    METHOD_VARIANTS,
     METHODS,
     Composition,
     build_method,
@@ -58,6 +59,28 @@ def check_loras(loras: Sequence[LoRA | str | Path]) -> tuple[LoRA, ...]:
     return checked
 
 
+def resolve_method(method: object, variant: str | None = None) -> tuple[str, str | None]:
+    """(name, variant) of a method name plus optional variant, or of a label such as
+    ``cmlora-online``; a label that already names a variant takes no other."""
+    if not isinstance(method, str):
+        raise OptionError(f"method must be a string, got {method!r}")
+    if method in METHODS:
+        if variant is None:
+            return method, default_variant(method)
+        variants = METHOD_VARIANTS.get(method)
+        if variants is None:
+            raise OptionError(
+                f"method {method!r} has no variants (got variant={variant!r}); {', '.join(METHOD_VARIANTS)} do"
+            )
+        if variant not in variants:
+            raise OptionError(f"unknown {method} variant {variant!r}; choose one of {', '.join(variants)}")
+        return method, variant
+    name, named = split_label(method)
+    if variant is not None and variant != named:
+        raise OptionError(f"method {method!r} already names a variant: drop variant={variant!r}")
+    return name, named
+
+
 def seeds_from(seed: int | Sequence[int], num_images: int = 1) -> tuple[int, ...]:
     """``seed, seed+1, ...`` for ``num_images`` images, or an explicit list of seeds."""
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
@@ -79,7 +102,9 @@ def _is_number(value: object) -> bool:
 class GenerationRequest:
     """One generation: the LoRAs, the method with its options, the sampling settings and the seeds.
 
-    ``method`` is a method name (``variant`` picks a variant) or a label such as ``cmlora-online``.
+    ``method`` is a method name (``variant`` picks a variant) or a label such as ``cmlora-online``;
+    once checked, ``method`` holds the label and ``variant`` None (``method_name`` and
+    ``method_variant`` give the parts).
     ``height``/``width`` None mean the model's default size. ``profile`` (a file written by
     ``cmlora profile``, or a loaded ``ProfileFile``) orders the LoRAs of the methods that read one.
     ``batch_size`` seeds are denoised together; ``batch_calls`` runs the per-LoRA calls of one step
@@ -113,9 +138,12 @@ class GenerationRequest:
             raise OptionError(
                 f"negative_prompt must be a string or None, got {type(self.negative_prompt).__name__}"
             )
-        method, variant = self._method_and_variant()
-        set_(self, "method", method)
-        set_(self, "variant", variant)
+        # ``method`` keeps the label and ``variant`` None, so ``replace(request, method=...)`` never
+        # carries the old method's variant over to the new one
+        name, variant = resolve_method(self.method, self.variant)
+        set_(self, "method", method_label(name, variant))
+        set_(self, "variant", None)
+        set_(self, "_resolved", (name, variant))
         if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
             raise OptionError(
                 f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {self.steps!r}"
@@ -148,26 +176,12 @@ class GenerationRequest:
         set_(self, "profile", self._checked_profile())
         self.build_method()  # every option's value judged by its method, before any work
 
-    def _method_and_variant(self) -> tuple[str, str | None]:
-        if not isinstance(self.method, str):
-            raise OptionError(f"method must be a string, got {self.method!r}")
-        if self.method in METHODS:
-            if self.variant is None:
-                return self.method, default_variant(self.method)
-            return split_label(f"{self.method}-{self.variant}")  # the registry judges the variant
-        name, variant = split_label(self.method)
-        if self.variant is not None and self.variant != variant:
-            raise OptionError(
-                f"method {self.method!r} already names a variant: drop variant={self.variant!r}"
-            )
-        return name, variant
-
     def _checked_profile(self):
         """A profile is loaded (and so checked) here; only the methods that read one take it, and
         it conflicts with an order or partition given by hand."""
         if self.profile is None:
             return None
-        if not reads_profile(self.method, self.variant):
+        if not reads_profile(self.method_name, self.method_variant):
             raise OptionError(
                 f"profile= sets the LoRA order of cmlora and switch-profiled only (method is {self.label!r})"
             )
@@ -182,7 +196,16 @@ class GenerationRequest:
 
     @property
     def label(self) -> str:
-        return method_label(self.method, self.variant)
+        return self.method
+
+    @property
+    def method_name(self) -> str:
+        return self._resolved[0]  # type: ignore[attr-defined]
+
+    @property
+    def method_variant(self) -> str | None:
+        """The variant in effect (a method's default when the label names none)."""
+        return self._resolved[1]  # type: ignore[attr-defined]
 
     def composition(self) -> Composition:
         return Composition(
@@ -197,7 +220,7 @@ class GenerationRequest:
         """A fresh method object (methods keep per-run state); ``extra`` options are the ones a
         session derives (a profile's partition), checked by the method like the user's."""
         return build_method(
-            self.method, self.composition(), self.variant, **{**self.options, **(extra or {})}
+            self.method_name, self.composition(), self.method_variant, **{**self.options, **(extra or {})}
         )
 
 

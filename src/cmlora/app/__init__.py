@@ -1,5 +1,5 @@
-"""Front-ends over the core (``cmlora.api``, ``cmlora.request``, ``cmlora.records``).
-
-Each front-end builds ``GenerationRequest`` objects and reads ``GenerationRecord`` objects; none
-holds generation logic and none imports another front-end, so a change to one cannot break another.
-"""
+"""Front-ends: the ``cmlora`` command line (``cli``: generate, profile, sweep, eval, report) and
+the web app. They build ``cmlora.request.GenerationRequest`` objects and read the records the core
+returns; nothing below this package imports it, and the front-ends never import each other
+(``cli`` only assembles their subcommands). ``arguments`` and ``method_flags`` are the flags the
+commands share."""

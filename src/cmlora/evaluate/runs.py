@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import CmloraError
+from ..files import atomic_write_bytes, atomic_write_text
 from ..paths import check_regular_file
-from ..records import atomic_write_bytes
 
 __all__ = [
     "CLIPSCORE_FILENAME",
@@ -322,11 +322,6 @@ def read_manifest(run_dir: str | os.PathLike[str]) -> list[ManifestEntry]:
         seen_jobs[entry.job_id] = idx
         entries.append(entry)
     return entries
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Text flavour of :func:`atomic_write_bytes` (UTF-8)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 class JsonlAppender:

@@ -47,7 +47,7 @@ class LoRASchedule(NamedTuple):
 
 
 #: Styles and backgrounds recolour the whole image: a noise offset lets their LoRAs move an image's
-#: mean colour (mini world 1 measured it: the palette style went from 50 % to 90 % with it).
+#: mean colour (the mini README says what mini world 1 measured with and without it).
 CATEGORY_SCHEDULE = {
     "style": LoRASchedule(noise_offset=0.1),
     "background": LoRASchedule(noise_offset=0.1),

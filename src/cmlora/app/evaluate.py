@@ -233,8 +233,8 @@ def add_report_subcommand(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _run_concepts(args: argparse.Namespace) -> int:
-    from .concepts import score_run
-    from .runs import ManifestError
+    from ..evaluate.concepts import score_run
+    from ..evaluate.runs import ManifestError
 
     try:
         out = score_run(args.run_dir, progress=not args.no_progress)
@@ -246,8 +246,8 @@ def _run_concepts(args: argparse.Namespace) -> int:
 
 
 def _run_clipscore(args: argparse.Namespace) -> int:
-    from .clipscore import clip_score_run
-    from .runs import ManifestError
+    from ..evaluate.clipscore import clip_score_run
+    from ..evaluate.runs import ManifestError
 
     try:
         records = clip_score_run(
@@ -266,8 +266,8 @@ def _run_clipscore(args: argparse.Namespace) -> int:
 
 
 def _run_judge(args: argparse.Namespace) -> int:
-    from .judge import JudgeAborted, JudgeConfig, judge_run, retry_hint
-    from .runs import ManifestError
+    from ..evaluate.judge import JudgeAborted, JudgeConfig, judge_run, retry_hint
+    from ..evaluate.runs import ManifestError
 
     config = JudgeConfig(
         endpoint=args.endpoint,
@@ -311,8 +311,8 @@ def _run_judge(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from .report import write_report
-    from .runs import ManifestError
+    from ..evaluate.report import write_report
+    from ..evaluate.runs import ManifestError
 
     try:
         path, _ = write_report(

@@ -1,7 +1,8 @@
 """``cmlora sweep``: every composition x method x seed of a testbed, resumable and shardable.
 
 The runner (``testbed.sweep``) knows nothing of models; this module builds the jobs from a
-testbed and the published settings, and makes one image per job with ``Composer``. Jobs are
+testbed and the published settings (``testbed.presets``), and ``testbed.generator`` makes one
+image per job. Jobs are
 ordered composition -> seed -> method so consecutive jobs of one process reuse the same loaded
 LoRAs.
 """
@@ -12,58 +13,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import mini
-from .errors import OptionError
-from .methods import reads_profile, split_label
-from .paths import check_output_dir
+from ..errors import OptionError
+from ..methods import split_label
+from ..paths import check_output_dir
+from ..testbed.presets import (
+    MINI_DEFAULTS,
+    PRESETS,
+    PUBLISHED_DTYPE,
+    PUBLISHED_SCHEDULER,
+    apply_pipeline_settings,
+)
+from .arguments import add_model_arguments
+from .method_flags import add_method_flags, method_options
 
-# Published generation settings (COMPOSLORA.md). "zhong": Zhong et al. 2024; "cmlora": CMLoRA's code.
-PRESETS: dict[str, dict[str, dict]] = {
-    "zhong": {
-        "reality": {
-            "width": 768,
-            "height": 1024,
-            "steps": 100,
-            "guidance": 7.0,
-            "lora_scale": 0.8,
-            "base_seed": 111,
-        },
-        "anime": {
-            "width": 512,
-            "height": 512,
-            "steps": 200,
-            "guidance": 10.0,
-            "lora_scale": 0.8,
-            "base_seed": 111,
-        },
-    },
-    "cmlora": {
-        style: {
-            "width": 512,
-            "height": 512,
-            "steps": 220,
-            "guidance": 8.5,
-            "lora_scale": 1.0,
-            "base_seed": 222,
-        }
-        for style in ("reality", "anime")
-    },
-}
-MINI_DEFAULTS = {
-    "width": mini.SIZE,
-    "height": mini.SIZE,
-    "steps": mini.STEPS,
-    "guidance": mini.GUIDANCE,
-    "lora_scale": 1.0,
-    "base_seed": 0,
-}
-PUBLISHED_SCHEDULER = "dpmsolver++"
-"""Both papers: DPMSolverMultistepScheduler with algorithm_type dpmsolver++ (set on the base's config)."""
-PUBLISHED_DTYPE = "fp32"
 DEFAULT_METHODS = "merge,switch,composite,cmlora-offline"
 
 
-def add_sweep_subcommand(sub, common_model, add_method_flags) -> None:
+def add_sweep_subcommand(sub) -> None:
     p = sub.add_parser(
         "sweep",
         help="run a testbed: every composition x method x seed (resumable, shardable)",
@@ -73,7 +39,7 @@ def add_sweep_subcommand(sub, common_model, add_method_flags) -> None:
             "the same command resumes; under `accelerate launch` the work is sharded across processes."
         ),
     )
-    common_model(p)
+    add_model_arguments(p)
     p.add_argument(
         "--testbed",
         choices=("composlora", "mini"),
@@ -130,26 +96,9 @@ def add_sweep_subcommand(sub, common_model, add_method_flags) -> None:
     p.set_defaults(func=cmd_sweep, resumes=True)
 
 
-def mini_compositions(sizes: tuple[int, ...] = (2, 3, 4, 5)) -> list:
-    """The mini world's compositions of these sizes (240 for N = 2..5), with its prompts."""
-    from . import mini
-    from .testbed.compositions import enumerate_compositions
-    from .testbed.info import parse_info
-
-    info = parse_info(mini.info(), source="mini_lora_info.json")
-    prompts = mini.prompts()
-    return enumerate_compositions(
-        info,
-        sizes,
-        style="mini",
-        base_prompt=prompts["prompt"],
-        negative_prompt=prompts.get("negative_prompt", ""),
-    )
-
-
 def _testbed(args):
-    from .testbed.compositions import enumerate_compositions
-    from .testbed.info import load_info, load_testbed_info, load_testbed_prompts
+    from ..testbed.compositions import enumerate_compositions
+    from ..testbed.info import load_info, load_testbed_info, load_testbed_prompts
 
     try:
         sizes = tuple(int(v) for v in args.n.split(",") if v.strip())
@@ -160,10 +109,12 @@ def _testbed(args):
     if args.limit is not None and args.limit < 1:
         raise OptionError(f"--limit must be >= 1, got {args.limit}")
     if args.testbed == "mini":
-        from .models import mini_available
+        from ..models import mini_available
 
         if not mini_available():
             raise OptionError("the mini world's trained assets are not installed; use --testbed composlora")
+        from ..testbed.generator import mini_compositions
+
         comps = mini_compositions(sizes)
         defaults = dict(MINI_DEFAULTS)
     else:
@@ -194,10 +145,10 @@ def _testbed(args):
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .cli import _method_options
-    from .models import load_base
-    from .testbed.compositions import image_seed
-    from .testbed.sweep import SweepJob, distributed_env, run_sweep
+    from ..models import load_base
+    from ..testbed.compositions import image_seed
+    from ..testbed.generator import CompositionGenerator
+    from ..testbed.sweep import SweepJob, distributed_env, run_sweep
 
     comps, defaults = _testbed(args)
     for key in ("steps", "guidance", "lora_scale", "base_seed"):
@@ -212,7 +163,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         defaults["width"], defaults["height"] = args.size
     labels = method_labels(args.methods)
     methods = {label: split_label(label) for label in labels}
-    options = {label: _method_options(args, method, strict=False) for label, (method, _) in methods.items()}
+    options = {label: method_options(args, method, strict=False) for label, (method, _) in methods.items()}
     if args.seeds < 1:
         raise OptionError(f"--seeds must be >= 1, got {args.seeds}")
     jobs = [
@@ -229,7 +180,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.testbed != "mini":
         check_lora_files(comps, lora_path_of(args))
     if args.profile is not None:
-        from .profiles import ProfileFile
+        from ..profiles import ProfileFile
 
         ProfileFile.load(args.profile)  # a missing or broken profile is refused before the model loads
     check_output_dir(args.out)  # before the model loads: an unwritable run folder must not cost a load
@@ -281,7 +232,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def lora_path_of(args: argparse.Namespace, base=None):
     """Where the LoRA file of a testbed entry is: the mini model's own (needs the loaded ``base``),
     ``--lora-dir/<id>.safetensors`` with ``--info``, or the ComposLoRA layout."""
-    from .testbed.info import lora_file
+    from ..testbed.info import lora_file
 
     if args.testbed == "mini":
         return lambda entry: Path(base.lora_ids[entry.id]["file"])
@@ -294,8 +245,8 @@ def check_lora_files(comps, lora_path) -> None:
     """Every LoRA file of the sweep must be a regular file before the model loads and the run
     folder is started: a wrong --lora-dir used to be found at the first composition, after the
     load, leaving a fresh run folder behind."""
-    from .errors import LoRAFileError
-    from .paths import check_regular_file
+    from ..errors import LoRAFileError
+    from ..paths import check_regular_file
 
     seen: set[Path] = set()
     for comp in comps:
@@ -327,118 +278,3 @@ def process_device(device: str, local_rank: int, world_size: int, cuda_count: in
     if device == "cuda" and world_size > 1 and cuda_count:
         return f"cuda:{local_rank % cuda_count}"
     return device
-
-
-def apply_pipeline_settings(pipe, scheduler: str | None, vae: str | None, allow_pickle: bool = False) -> None:
-    """Put the published scheduler and VAE into ``pipe`` (None leaves that part as loaded).
-
-    Like the published code, the scheduler is DPMSolverMultistepScheduler built from the base's own
-    scheduler config with ``algorithm_type`` set, so betas and timestep spacing stay the checkpoint's.
-    A VAE with pickled (``.bin``) weights only is refused unless ``allow_pickle``, like the base.
-    """
-    if scheduler is not None:
-        from diffusers import DPMSolverMultistepScheduler
-
-        if scheduler != PUBLISHED_SCHEDULER:
-            raise OptionError(f"unknown scheduler {scheduler!r}; expected {PUBLISHED_SCHEDULER!r}")
-        config = {**pipe.scheduler.config, "algorithm_type": scheduler}
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config)
-    if vae is not None:
-        from diffusers import AutoencoderKL
-
-        current = pipe.vae
-        kwargs = {} if allow_pickle else {"use_safetensors": True}
-        try:
-            loaded = AutoencoderKL.from_pretrained(vae, torch_dtype=current.dtype, **kwargs)
-        except (OSError, ValueError) as exc:
-            hint = "" if allow_pickle else " (a VAE with .bin weights only needs --allow-pickle)"
-            raise OptionError(
-                f"cannot load the VAE {vae!r} ({type(exc).__name__}: {exc}); pass a local diffusers VAE "
-                f"folder with --vae, or --vae none to keep the base model's own{hint}"
-            ) from exc
-        pipe.vae = loaded.to(current.device).eval()
-
-
-class CompositionGenerator:
-    """Makes the image of a sweep job; keeps one composition's LoRAs loaded across its jobs.
-
-    ``methods`` maps a job's method label to (method, variant); the job carries its options.
-    """
-
-    def __init__(
-        self,
-        base,
-        methods: dict[str, tuple[str, str | None]],
-        defaults: dict,
-        lora_path,
-        profile=None,
-        allow_partial: bool = False,
-        allow_pickle: bool = False,
-        batch_calls: bool = True,
-    ):
-        self.base, self.methods, self.defaults, self.lora_path = base, methods, defaults, lora_path
-        self.batch_calls = batch_calls
-        self.profile, self.allow_partial, self.allow_pickle = profile, allow_partial, allow_pickle
-        self._composition: str | None = None
-        self._composer = None
-
-    def _composer_for(self, comp):
-        from .api import Composer
-        from .loras import LoRA
-
-        if self._composition != comp.id:
-            self.close()
-            loras = [
-                LoRA(self.lora_path(e), category=e.category, name=e.id, triggers=e.trigger)
-                for e in comp.loras
-            ]
-            self._composer = Composer(
-                self.base.pipe, loras, allow_partial=self.allow_partial, allow_pickle=self.allow_pickle
-            )
-            self._composition = comp.id
-        return self._composer
-
-    def __call__(self, job):
-        return self.many([job])[0]
-
-    def many(self, jobs) -> list:
-        """Jobs that differ only in their seed, denoised as one batch (``run_sweep``'s batch_size)."""
-        job = jobs[0]
-        method, variant = self.methods[job.method]
-        d = self.defaults
-        composer = self._composer_for(job.composition)
-        # a profile orders the LoRAs of the methods that read one; the others run without it
-        files = [lora.path for lora in composer.loras]
-        given = self.profile if reads_profile(method, variant) else None
-        profile = self.base.profile_for(method, variant, files, job.method_options, given)
-        result = composer.generate(
-            prompt=job.composition.prompt,
-            method=method,
-            variant=variant,
-            negative_prompt=job.composition.negative_prompt,
-            num_inference_steps=d["steps"],
-            guidance_scale=d["guidance"],
-            height=d["height"],
-            width=d["width"],
-            seed=[j.seed for j in jobs],
-            lora_scale=d["lora_scale"],
-            profile=profile,
-            progress=False,
-            batch_calls=self.batch_calls,
-            batch_size=len(jobs),
-            **job.method_options,
-        )
-        made = []
-        for image, record in zip(result.images, result.records, strict=True):
-            for key in ("prompt", "negative_prompt", "seed"):  # the job's own fields, identical
-                record.pop(key)
-            record["lora_files"] = record.pop("loras")
-            record["method_name"] = record.pop("method")
-            record["base_model"] = self.base.name
-            made.append((image, record))
-        return made
-
-    def close(self) -> None:
-        if self._composer is not None:
-            self._composer.close()
-        self._composer, self._composition = None, None

@@ -12,7 +12,7 @@ from cmlora.api import Composer
 from cmlora.macs import MacCounter
 from cmlora.methods import build_method
 from cmlora.request import GenerationRequest
-from cmlora.sampler import denoise
+from cmlora.sampler import Denoiser, denoise
 
 
 def predictions(pipe, paths, method, variant, batch, stacked, **options):
@@ -30,9 +30,8 @@ def predictions(pipe, paths, method, variant, batch, stacked, **options):
         scheduler.timesteps = torch.tensor([900, 600, 300])
         with torch.no_grad():
             conds = composer._encode(m, "red", "low", True, 16, 16)
-            denoise(
-                pipe, composer.adapters, m, conds, latents, scheduler, 5.0, MacCounter(pipe.unet), batch=batch
-            )
+            denoiser = Denoiser(pipe, composer.adapters, m, conds, 5.0, MacCounter(pipe.unet), batch=batch)
+            denoise(denoiser, latents, scheduler)
     return scheduler.outputs
 
 

@@ -14,7 +14,7 @@ from cmlora.loras import read_lora_file, resolve
 from cmlora.macs import MacCounter
 from cmlora.methods import build_method
 from cmlora.request import GenerationRequest
-from cmlora.sampler import denoise, encode_prompt
+from cmlora.sampler import Denoiser, denoise, encode_prompt
 from cmlora.unet_cache import CachePoint, UNetSplit
 
 
@@ -55,7 +55,11 @@ def mixed_prediction(pipe, paths, method, variant=None, guidance=6.0, **options)
         with torch.no_grad():
             conds = composer._encode(m, "red hair girl", "low quality", guidance > 1, 16, 16)
             scheduler = RecordingScheduler()
-            denoise(pipe, composer.adapters, m, conds, latents, scheduler, guidance, MacCounter(pipe.unet))
+            denoise(
+                Denoiser(pipe, composer.adapters, m, conds, guidance, MacCounter(pipe.unet)),
+                latents,
+                scheduler,
+            )
     return latents, scheduler.outputs[0]
 
 
@@ -336,17 +340,10 @@ def test_batched_prediction_matches_sequential_to_1e5(sd15, sd15_loras):
             scheduler.timesteps = torch.tensor([900, 600, 300])
             with torch.no_grad():
                 conds = composer._encode(m, "red", "low", True, 16, 16)
-                sampler.denoise(
-                    sd15,
-                    composer.adapters,
-                    m,
-                    conds,
-                    latents,
-                    scheduler,
-                    5.0,
-                    MacCounter(sd15.unet),
-                    batch=batch,
+                denoiser = sampler.Denoiser(
+                    sd15, composer.adapters, m, conds, 5.0, MacCounter(sd15.unet), batch=batch
                 )
+                sampler.denoise(denoiser, latents, scheduler)
         outs[batch] = scheduler.outputs
     for a, b in zip(outs[False], outs[True], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import AdapterSet, installed_in
+from .calls import Conditioning
 from .compiled import check_backend, compile_blocks, composing, uncompile_blocks
 from .errors import OptionError
 from .loras import LoRA, LoRAFile, load_lora_tensors, read_lora_file, resolve
@@ -23,7 +24,7 @@ from .methods import Method
 from .plans import StepPlan
 from .records import library_versions
 from .request import GenerationRecord, GenerationRequest, check_loras, seeds_from
-from .sampler import Conditioning, check_latents, decode, denoise, encode_prompt
+from .sampler import Denoiser, check_latents, decode, denoise, encode_prompt
 
 
 @dataclass
@@ -248,20 +249,18 @@ class Composer:
                     if on_step is not None:
                         on_step(i, plan)
 
-                latents, counters = denoise(
+                denoiser = Denoiser(
                     pipe,
                     self.adapters,
                     method,
                     conditionings,
-                    latents,
-                    scheduler,
                     guidance,
                     self.macs,
                     research=request.research,
-                    on_step=step_callback,
                     batch=request.batch_calls,
                     fuse=fuse,
                 )
+                latents = denoise(denoiser, latents, scheduler, on_step=step_callback)
             finally:
                 if bar is not None:
                     bar.close()
@@ -269,6 +268,7 @@ class Composer:
             check_latents(latents)
             images = decode(pipe, latents)
         seconds = time.perf_counter() - start
+        counters = denoiser.counters
         records = [
             GenerationRecord(
                 base_model=self.model_name

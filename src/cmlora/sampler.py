@@ -1,41 +1,23 @@
-"""The one denoising loop. Every method runs through ``denoise``: it asks the method for step i's
-plan, executes its UNet calls (adapters switched through the router, full or cached), mixes the
-predictions, applies guidance and takes the scheduler step. It knows nothing of any method.
+"""The one denoising loop and its denoiser. Every method runs through ``denoise``, which only steps
+the scheduler; the ``Denoiser`` asks the method for step i's plan, executes its UNet calls
+(``calls.py``), mixes the predictions and applies guidance. Neither knows anything of any method.
+Also prompt encoding and decoding, with the checks that refuse a broken image.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import AdapterSet, RowGroup
+from .adapters import AdapterSet
+from .calls import CallExecutor, Conditioning, Counters, call_groups
 from .errors import GenerationError
 from .macs import MacCounter
 from .methods import Method, StepState
-from .plans import StepPlan, UNetCall
-from .unet_cache import CachePoint, UNetSplit, default_cache_block
-
-
-@dataclass
-class Conditioning:
-    """Prompt embeddings for one text-encoder activation, CFG batch order [uncond; cond]."""
-
-    embeds: torch.Tensor
-    added: dict | None = None
-
-
-@dataclass
-class Counters:
-    full_calls: int = 0
-    cached_calls: int = 0
-    macs: int = 0
-    unet_seconds: float = 0.0
-    loop_seconds: float = 0.0
-    invocations: int = 0
-    trace: list[dict] = field(default_factory=list)
+from .plans import StepPlan
+from .unet_cache import CachePoint, default_cache_block
 
 
 def encode_prompt(
@@ -68,183 +50,76 @@ def encode_prompt(
     return Conditioning(cond, {"text_embeds": pooled, "time_ids": time_ids})
 
 
-class CallExecutor:
-    """Runs a plan's UNet calls and keeps the per-LoRA cache entries of one image.
+class Denoiser:
+    """One step's composed noise prediction for a method, as k-diffusion's model wrappers are: it
+    asks the method for the step's plan, runs the plan's UNet calls, mixes their predictions and
+    applies guidance. The loop around it (``denoise``) only steps the scheduler, so every method
+    shares one loop and the step's logic is testable on its own.
 
-    Calls of the same mode can run as one batched UNet invocation: each call's CFG rows get their
-    own adapters through the router's row groups (PEFT-style mixed-adapter batches). Sequential
-    execution is the same code with groups of one.
+    ``fuse`` applies to steps of one UNet call (merge, switch): their adapter set holds for many
+    calls, so fusing it into the weights pays once. Steps of several calls change the set per call
+    and run un-fused. ``batch`` runs the calls of one mode as one batched UNet invocation.
     """
 
     def __init__(
-        self, pipe, adapters: AdapterSet, macs: MacCounter, point: CachePoint | None, research: bool
-    ):
-        self.unet = pipe.unet
-        self.adapters = adapters
-        self.macs = macs
-        self.split = UNetSplit(self.unet, point) if point is not None else None
-        self.cache: dict[str, torch.Tensor] = {}
-        self.research = research
-
-    def run(
         self,
-        calls: list[UNetCall],
-        x: torch.Tensor,
-        t,
-        conds: list[Conditioning],
-        counters: Counters,
+        pipe,
+        adapters: AdapterSet,
+        method: Method,
+        conditionings: dict[str, Conditioning],
+        guidance_scale: float,
+        macs: MacCounter,
+        research: bool = False,
+        batch: bool = False,
         fuse: bool = False,
-    ) -> list:
-        """Execute calls (all of one mode) in one UNet invocation; returns (eps, similarity) per call.
-        ``fuse``: the caller found this a step's only call; its adapters run fused (see ``Router``)."""
-        mode = calls[0].mode
-        rows = x.shape[0]
-        router = self.adapters.unet
-        if len(calls) == 1:
-            router.set(calls[0].adapters, fuse=fuse)
-            xb, embeds, added = x, conds[0].embeds, conds[0].added
-        else:
-            router.set_rows(
-                [RowGroup(slice(k * rows, (k + 1) * rows), c.adapters) for k, c in enumerate(calls)]
-            )
-            xb = torch.cat([x] * len(calls))
-            embeds = torch.cat([c.embeds for c in conds])
-            added = (
-                None
-                if conds[0].added is None
-                else {key: torch.cat([c.added[key] for c in conds]) for key in conds[0].added}
-            )
-        signature = (mode, tuple(xb.shape), tuple(embeds.shape), tuple(c.adapters for c in calls), fuse)
-        keys = [c.cache_key or "+".join(n for n, _ in c.adapters) for c in calls]
-        similarities: list[float | None] = [None] * len(calls)
-        _wait_for_device(x)
-        start = time.perf_counter()
-        try:
-            if mode == "plain":
-                out, macs = self.macs.count(
-                    signature,
-                    lambda: self.unet(
-                        xb, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False
-                    )[0],
-                )
-            else:
-                if self.split is None:
-                    raise RuntimeError(
-                        "plan asks for a cached/full split call but the method has no cache point"
-                    )
-                entry = None
-                if mode == "cached":
-                    missing = [k for k in keys if k not in self.cache]
-                    if missing:
-                        raise RuntimeError(
-                            f"plan asks for cached calls of {missing} before any full call stored them"
-                        )
-                    entry = torch.cat([self.cache[k] for k in keys]) if len(keys) > 1 else self.cache[keys[0]]
-                (out, new_entry), macs = self.macs.count(
-                    signature, lambda: self.split(xb, t, embeds, added, entry=entry)
-                )
-                if mode == "full":
-                    for k, key in enumerate(keys):
-                        fresh = new_entry[k * rows : (k + 1) * rows]
-                        if self.research and key in self.cache:
-                            similarities[k] = float(
-                                torch.nn.functional.cosine_similarity(
-                                    self.cache[key].flatten().float(), fresh.flatten().float(), dim=0
-                                )
-                            )
-                        self.cache[key] = fresh
-        finally:
-            router.clear()
-        _wait_for_device(x)
-        counters.unet_seconds += time.perf_counter() - start
-        counters.macs += macs
-        if mode == "cached":
-            counters.cached_calls += len(calls)
-        else:
-            counters.full_calls += len(calls)
-        counters.invocations += 1
-        return list(zip(out.split(rows), similarities, strict=True))
+    ):
+        self.method, self.conditionings = method, conditionings
+        self.guidance_scale, self.cfg = guidance_scale, guidance_scale > 1.0
+        self.research, self.batch, self.fuse = research, batch, fuse
+        point = None
+        if method.uses_cache:
+            layer, block = method.cache_point
+            if block is None:  # not given: this UNet's default, written back for the record
+                block = default_cache_block(pipe.unet, layer)
+                method.cache_point = (layer, block)
+            point = CachePoint(layer, block)
+        self.executor = CallExecutor(pipe, adapters, macs, point, research)
+        self.counters = Counters()
+        self.plan: StepPlan | None = None
 
+    def __call__(self, step: int, t, latents: torch.Tensor, model_input: torch.Tensor) -> torch.Tensor:
+        """The guided prediction at step ``step`` (timestep ``t``); ``model_input`` is ``latents``
+        scaled by the scheduler, ``latents`` feed the statistic of methods that read it."""
+        from .frequency import latent_high_frequency
 
-def _wait_for_device(x: torch.Tensor) -> None:
-    """CUDA kernels run asynchronously: without a barrier around each UNet call, its seconds would be
-    launch time only and the time outside UNet calls would absorb the GPU's work. One barrier per call
-    costs the overlap of a few kernel launches, far under a UNet call."""
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-
-
-def _groups(calls: tuple[UNetCall, ...], batch: bool) -> list[list[int]]:
-    """Indices of calls executed together: one per call, or one per mode when batching."""
-    if not batch:
-        return [[k] for k in range(len(calls))]
-    by_mode: dict[str, list[int]] = {}
-    for k, call in enumerate(calls):
-        by_mode.setdefault(call.mode, []).append(k)
-    return list(by_mode.values())
-
-
-def denoise(
-    pipe,
-    adapters: AdapterSet,
-    method: Method,
-    conditionings: dict[str, Conditioning],
-    latents: torch.Tensor,
-    scheduler,
-    guidance_scale: float,
-    macs: MacCounter,
-    research: bool = False,
-    on_step: Callable[[int, StepPlan], None] | None = None,
-    batch: bool = False,
-    fuse: bool = False,
-) -> tuple[torch.Tensor, Counters]:
-    """Run the trajectory. ``conditionings`` holds one entry per embedding key the method uses.
-
-    ``fuse`` applies to steps of one UNet call (merge, switch): their adapter set holds for many
-    calls, so fusing it into the weights pays once. Steps of several calls change the set per
-    call and run un-fused."""
-    from .frequency import latent_high_frequency
-
-    cfg = guidance_scale > 1.0
-    point = None
-    if method.uses_cache:
-        layer, block = method.cache_point
-        if block is None:  # not given: this UNet's default, written back for the record
-            block = default_cache_block(pipe.unet, layer)
-            method.cache_point = (layer, block)
-        point = CachePoint(layer, block)
-    executor = CallExecutor(pipe, adapters, macs, point, research)
-    counters = Counters()
-    loop_start = time.perf_counter()
-    for i, t in enumerate(scheduler.timesteps):
-        hf = latent_high_frequency(latents) if (method.needs_high_frequency or research) else None
-        plan = method.plan(i, StepState(high_frequency=hf))
-        x = torch.cat([latents, latents]) if cfg else latents
-        x = scheduler.scale_model_input(x, t)
-        mixed = None
-        similarities = {}
+        method, cfg = self.method, self.cfg
+        hf = latent_high_frequency(latents) if (method.needs_high_frequency or self.research) else None
+        plan = self.plan = method.plan(step, StepState(high_frequency=hf))
+        x = torch.cat([model_input, model_input]) if cfg else model_input
         results: list = [None] * len(plan.calls)
-        fuse_step = fuse and len(plan.calls) == 1
-        for group in _groups(plan.calls, batch):
+        fuse_step = self.fuse and len(plan.calls) == 1
+        for group in call_groups(plan.calls, self.batch):
             calls = [plan.calls[k] for k in group]
-            conds = [conditionings[c.embedding] for c in calls]
-            for k, result in zip(group, executor.run(calls, x, t, conds, counters, fuse_step), strict=True):
+            conds = [self.conditionings[c.embedding] for c in calls]
+            outputs = self.executor.run(calls, x, t, conds, self.counters, fuse_step)
+            for k, result in zip(group, outputs, strict=True):
                 results[k] = result
-        for call, (_, similarity) in zip(plan.calls, results, strict=True):
-            if similarity is not None:
-                similarities[call.cache_key] = round(similarity, 6)
-        patch_weights = None
+        similarities = {
+            call.cache_key: round(similarity, 6)
+            for call, (_, similarity) in zip(plan.calls, results, strict=True)
+            if similarity is not None
+        }
+        mixed, patch_weights = None, None
         if plan.mix is not None:
             preds = [eps.float() for eps, _ in results]
-            mixed, patch_weights = plan.mix.guided(preds, plan.weights, guidance_scale if cfg else None)
+            mixed, patch_weights = plan.mix.guided(preds, plan.weights, self.guidance_scale if cfg else None)
         else:
             for weight, (eps, _) in zip(plan.weights, results, strict=True):
                 term = eps.float() * weight
                 mixed = term if mixed is None else mixed + term
             if cfg:
                 uncond, cond = mixed.chunk(2)
-                mixed = uncond + guidance_scale * (cond - uncond)
-        latents = scheduler.step(mixed.to(latents.dtype), t, latents, return_dict=False)[0]
+                mixed = uncond + self.guidance_scale * (cond - uncond)
         entry = plan.trace()
         if patch_weights is not None:
             entry["patch_weights"] = {
@@ -252,14 +127,28 @@ def denoise(
                 for k, w in patch_weights.items()
             }
         entry["t"] = int(t) if torch.is_tensor(t) and t.numel() == 1 else float(t)
-        if research:
+        if self.research:
             entry["high_frequency"] = None if hf is None else round(hf, 6)
             entry["cache_similarity"] = similarities
-        counters.trace.append(entry)
+        self.counters.trace.append(entry)
+        return mixed
+
+
+def denoise(
+    denoiser: Denoiser,
+    latents: torch.Tensor,
+    scheduler,
+    on_step: Callable[[int, StepPlan], None] | None = None,
+) -> torch.Tensor:
+    """The one loop: the scheduler's steps over the denoiser's predictions."""
+    start = time.perf_counter()
+    for i, t in enumerate(scheduler.timesteps):
+        eps = denoiser(i, t, latents, scheduler.scale_model_input(latents, t))
+        latents = scheduler.step(eps.to(latents.dtype), t, latents, return_dict=False)[0]
         if on_step is not None:
-            on_step(i, plan)
-    counters.loop_seconds = time.perf_counter() - loop_start
-    return latents, counters
+            on_step(i, denoiser.plan)
+    denoiser.counters.loop_seconds = time.perf_counter() - start
+    return latents
 
 
 def decode(pipe, latents: torch.Tensor) -> list:

@@ -69,60 +69,12 @@ def test_binds_loopback_and_refuses_foreign_hosts_and_large_bodies(live):
             b"POST /gradio_api/queue/join HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 31000000\r\n\r\n" + b'{"data": ["' + b"x" * 65536
         )
-        reply = raw.recv(4096).decode()
+        reply = b""
+        while chunk := raw.recv(4096):
+            reply += chunk
+        reply = reply.decode()
     assert reply.startswith("HTTP/1.1 413") and "the limit is 2.1 MB" in reply
     assert psutil.Process().memory_info().rss - before < 20_000_000
-
-
-def test_queue_flood_is_refused_and_cancel_acts_fast(live):
-    import psutil
-
-    from cmlora.app.ui.jobs import new_token
-
-    with urllib.request.urlopen(live.url + "config", timeout=30) as response:
-        config = json.loads(response.read())
-    fn_index = next(k for k, dep in enumerate(config["dependencies"]) if dep.get("api_name") == "generate")
-    table = {
-        "headers": ["LoRA", "weight", "category", "order"],
-        "data": [["character_1", 1.0, "character", 1]],
-    }
-
-    def join(token: str | None, session: str) -> tuple[int, dict]:
-        data = [token, table, "tinbot", "", ["merge"], 0, 200, 64, 64, 5.0, 1.0, "", ""]
-        body = {"data": data, "fn_index": fn_index, "session_hash": session, "trigger_id": None}
-        return _post(
-            live.url + "gradio_api/queue/join",
-            json.dumps(body).encode(),
-            {"Content-Type": "application/json"},
-        )
-
-    token = new_token()
-    assert join(token, "blocker0")[0] == 200  # a 200-step job holds the one generation slot
-    deadline = time.monotonic() + 60
-    while (
-        live.runner.job(token) is None or live.runner.snapshot(live.runner.job(token))["progress"][0].step < 1
-    ) and (time.monotonic() < deadline):
-        time.sleep(0.05)
-    before = psutil.Process().memory_info().rss
-    answers = [join(None, f"flood{k:04d}") for k in range(30)]  # no session: each would end at once
-    accepted = [a for a in answers if a[0] == 200]
-    refused = [a for a in answers if a[0] != 200]
-    assert len(accepted) == 8 and len(refused) == 22, answers
-    assert all("Queue is full" in json.dumps(a[1]) for a in refused), refused[:2]
-    assert psutil.Process().memory_info().rss - before < 50_000_000
-    blocker = live.runner.job(token)
-    assert blocker.state == "running"
-    started = time.monotonic()
-    live.runner.cancel(token)
-    while not blocker.finished_state:
-        time.sleep(0.02)
-    assert blocker.state == "cancelled" and time.monotonic() - started < 3
-    # the flood's events end at once (no session), leaving the queue empty for the next test
-    queues = live.demo._queue.event_queue_per_concurrency_id
-    deadline = time.monotonic() + 30
-    while any(q.queue for q in queues.values()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(q.queue for q in queues.values())
 
 
 # --------------------------------------------------------------------------- browser
@@ -208,8 +160,10 @@ def test_a_session_in_headless_chromium(live, tmp_path, width, height):
         for name in ("character_2", "background_1", "style_1"):
             picker.click()
             picker.send_keys(name)
-            wait_for(lambda b: b.find_elements(By.CSS_SELECTOR, "[role=option]"))
-            picker.send_keys(Keys.ENTER)
+            option = f"[role=option][aria-label^='{name} ']"
+            wait_for(lambda b, option=option: b.find_elements(By.CSS_SELECTOR, option))
+            browser.find_element(By.CSS_SELECTOR, option).click()
+            wait_for(lambda b, name=name: name in b.find_element(By.ID, "lora-table").text)
         picker.send_keys(Keys.ESCAPE)
         prompt = browser.find_element(By.CSS_SELECTOR, "#prompt textarea")
         wait_for(lambda b: "inkline" in prompt.get_attribute("value"))
@@ -298,3 +252,55 @@ def test_a_session_in_headless_chromium(live, tmp_path, width, height):
         )
     finally:
         browser.quit()
+
+
+def test_queue_flood_is_refused_and_cancel_acts_fast(live):
+    """Last in the module: it fills Gradio's queue of the live server."""
+    import psutil
+
+    from cmlora.app.ui.jobs import new_token
+
+    with urllib.request.urlopen(live.url + "config", timeout=30) as response:
+        config = json.loads(response.read())
+    fn_index = next(k for k, dep in enumerate(config["dependencies"]) if dep.get("api_name") == "generate")
+    table = {
+        "headers": ["LoRA", "weight", "category", "order"],
+        "data": [["character_1", 1.0, "character", 1]],
+    }
+
+    def join(token: str | None, session: str) -> tuple[int, dict]:
+        data = [token, table, "tinbot", "", ["merge"], 0, 200, 64, 64, 5.0, 1.0, "", ""]
+        body = {"data": data, "fn_index": fn_index, "session_hash": session, "trigger_id": None}
+        return _post(
+            live.url + "gradio_api/queue/join",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+
+    token = new_token()
+    assert join(token, "blocker0")[0] == 200  # a 200-step job holds the one generation slot
+    deadline = time.monotonic() + 60
+    while (
+        live.runner.job(token) is None or live.runner.snapshot(live.runner.job(token))["progress"][0].step < 1
+    ) and (time.monotonic() < deadline):
+        time.sleep(0.05)
+    before = psutil.Process().memory_info().rss
+    answers = [join(None, f"flood{k:04d}") for k in range(30)]  # no session: each would end at once
+    accepted = [a for a in answers if a[0] == 200]
+    refused = [a for a in answers if a[0] != 200]
+    assert len(accepted) == 8 and len(refused) == 22, answers
+    assert all("Queue is full" in json.dumps(a[1]) for a in refused), refused[:2]
+    assert psutil.Process().memory_info().rss - before < 50_000_000
+    blocker = live.runner.job(token)
+    assert blocker.state == "running"
+    started = time.monotonic()
+    live.runner.cancel(token)
+    while not blocker.finished_state:
+        time.sleep(0.02)
+    assert blocker.state == "cancelled" and time.monotonic() - started < 3
+    # the flood's events end at once (no session), leaving the queue empty for the next test
+    queues = live.demo._queue.event_queue_per_concurrency_id
+    deadline = time.monotonic() + 30
+    while any(q.queue for q in queues.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(q.queue for q in queues.values())

@@ -398,6 +398,8 @@ def build_page(ctx: UIContext):
         def follow_after_load(token_value):
             job = ctx.runner.job(token_value) if valid_token(token_value) else None
             if job is None or job.finished_state:
+                # a generator that yields nothing would blank every output: keep what on_load showed
+                yield [gr.skip()] * (2 + len(card_outputs))
                 return
             yield from follow(token_value, job, "Job of this session (from before the reload)", None)
 

@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
-FRONT_ENDS = ("cmlora.app", "cmlora.webui")
+FRONT_ENDS = ("cmlora.app",)
 #: Front-end modules that serve several commands; they import no front-end themselves.
 APP_SHARED = {"cmlora.app", "cmlora.app.arguments", "cmlora.app.method_flags"}
 DISPATCHER = "cmlora.app.cli"
@@ -47,9 +47,9 @@ def is_front_end(name: str) -> bool:
 
 
 def front_end_of(name: str) -> str:
-    """The front-end a module belongs to: cmlora.app.<x> (first level) or cmlora.webui."""
+    """The front-end a module belongs to: cmlora.app.<x> (first level, e.g. cmlora.app.ui)."""
     parts = name.split(".")
-    return ".".join(parts[:3]) if parts[1] == "app" else "cmlora.webui"
+    return ".".join(parts[:3])
 
 
 def test_graph_is_read():

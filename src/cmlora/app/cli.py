@@ -29,7 +29,7 @@ def build_parser() -> Parser:
     add_eval_subcommands(sub)
     add_report_subcommand(sub)
 
-    from ..webui import add_ui_subcommand
+    from .ui import add_ui_subcommand
 
     add_ui_subcommand(sub)
     return parser

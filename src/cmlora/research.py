@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import RecordError
@@ -42,8 +42,8 @@ def _number(value: Any) -> float | None:
 
 
 def _trace(record: Any) -> list[dict]:
-    if not isinstance(record, dict):
-        raise RecordError(f"plot_trace expects a record (dict), got {type(record).__name__}")
+    if not isinstance(record, Mapping):  # a record read from a file, or the core's GenerationRecord
+        raise RecordError(f"plot_trace expects a record (a mapping), got {type(record).__name__}")
     trace = record.get("trace")
     if not isinstance(trace, list) or not trace:
         raise RecordError(

@@ -635,7 +635,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--base-images", type=int, default=16000)
     ap.add_argument("--base-more-steps", type=int, default=2000)
     ap.add_argument("--base-more-lr", type=float, default=5e-4)
-    ap.add_argument("--lora-steps", type=int, default=800)
+    ap.add_argument("--lora-steps", type=int, default=500)
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--lora-images", type=int, default=48)

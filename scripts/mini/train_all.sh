@@ -3,13 +3,13 @@
 # fixed seeds. Intermediate files (VAE before packing, tokenizer files) go to $WORK; logs: $WORK/*.log.
 #   bash scripts/mini/train_all.sh                      # every stage, on the CPU
 #   DEVICE=cuda bash scripts/mini/train_all.sh          # the same scripts on a lent GPU
-#   STAGES="base loras profile" bash scripts/mini/train_all.sh   # resume from a stage
+#   STAGES="base_more loras profile" bash scripts/mini/train_all.sh   # resume from a stage
 # Each stage's wall time is appended to $WORK/times.txt.
 set -euo pipefail
 WORK=${WORK:-/tmp/mini_build}
 THREADS=${THREADS:-2}
 DEVICE=${DEVICE:-cpu}
-STAGES=${STAGES:-"vae detectors base loras profile check"}
+STAGES=${STAGES:-"vae detectors base base_more loras profile check"}
 mkdir -p "$WORK"
 train() { python -m cmlora.mini.train "$@" --work "$WORK" --device "$DEVICE"; }
 timed() {
@@ -44,10 +44,11 @@ for stage in $STAGES; do
     vae) timed vae train vae --threads "$THREADS" 2>&1 | tee "$WORK/vae.log" ;;
     detectors) timed detectors train detectors --threads "$THREADS" 2>&1 | tee "$WORK/det.log" ;;
     base) timed base train base --threads "$THREADS" 2>&1 | tee "$WORK/base.log" ;;
+    base_more) timed base_more train base_more --threads "$THREADS" 2>&1 | tee "$WORK/base_more.log" ;;
     loras) timed loras loras ;;
     profile) timed profile profile 2>&1 | tee "$WORK/profile.log" ;;
     check) timed check python scripts/mini/check_world.py --threads "$THREADS" --device "$DEVICE" \
       2>&1 | tee "$WORK/check.log" ;;
-    *) echo "unknown stage '$stage': use vae, detectors, base, loras, profile, check" >&2; exit 2 ;;
+    *) echo "unknown stage '$stage': use vae, detectors, base, base_more, loras, profile, check" >&2; exit 2 ;;
   esac
 done

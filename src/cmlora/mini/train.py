@@ -362,7 +362,12 @@ def tokenize(tok, caps):
     ).input_ids
 
 
-def train_base(work: str, steps: int, batch: int, n_images: int, seed: int = 2, lr: float = 1e-3):
+def train_base(
+    work: str, steps: int, batch: int, n_images: int, seed: int = 2, lr: float = 1e-3, resume: bool = False
+):
+    """Train the base UNet and text encoder on generic scenes. ``resume`` continues from the packed
+    pipeline's (EMA) weights with a fresh warm-up and cosine schedule, as one resumes a checkpoint:
+    the "base_more" stage of ``train_all.sh`` runs it after "base" (another seed, so new batches)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     seed_all(seed)
@@ -379,8 +384,19 @@ def train_base(work: str, steps: int, batch: int, n_images: int, seed: int = 2, 
     del pool
     tok_dir = os.path.join(work, "tokenizer")
     tok = components.build_tokenizer(tok_dir)
-    te = components.build_text_encoder(len(tok)).to(DEVICE)
-    unet = components.build_unet().to(DEVICE)
+    if resume:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        packed = os.path.join(assets_dir(), "pipeline")
+        te = CLIPTextModel.from_pretrained(os.path.join(packed, "text_encoder")).to(DEVICE)
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(packed, "unet")).to(DEVICE)
+        log("resuming from", packed)
+    else:
+        te = components.build_text_encoder(len(tok)).to(DEVICE)
+        unet = components.build_unet().to(DEVICE)
+    te.train()
+    unet.train()
     sched = components.build_noise_scheduler()
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -608,7 +624,7 @@ def train_loras(
 def parser() -> argparse.ArgumentParser:
     """The stages' options; `scripts/mini/time_stages.sh` reads the default step counts from it."""
     ap = argparse.ArgumentParser(prog="python -m cmlora.mini.train")
-    ap.add_argument("stage", choices=["vae", "detectors", "base", "loras", "info", "all"])
+    ap.add_argument("stage", choices=["vae", "detectors", "base", "base_more", "loras", "info", "all"])
     ap.add_argument("--work", default="/tmp/mini_build")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (a lent GPU trains the same stages faster)")
@@ -617,6 +633,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--base-steps", type=int, default=3500)
     ap.add_argument("--base-lr", type=float, default=1e-3)
     ap.add_argument("--base-images", type=int, default=16000)
+    ap.add_argument("--base-more-steps", type=int, default=2000)
+    ap.add_argument("--base-more-lr", type=float, default=5e-4)
     ap.add_argument("--lora-steps", type=int, default=500)
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
@@ -640,6 +658,10 @@ def main(argv=None):
         train_detectors(a.work, a.det_steps, 48, 16000)
     if a.stage in ("base", "all"):
         train_base(a.work, a.base_steps, a.base_batch, a.base_images, lr=a.base_lr)
+    if a.stage in ("base_more", "all"):
+        train_base(
+            a.work, a.base_more_steps, a.base_batch, a.base_images, seed=5, lr=a.base_more_lr, resume=True
+        )
     if a.stage in ("loras", "all"):
         train_loras(a.work, a.lora_steps, a.lora_batch, a.lora_images, a.lora_rank, lr=a.lora_lr, only=a.only)
     if a.stage == "info":

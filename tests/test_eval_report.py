@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cmlora.evaluate.cli import add_eval_subcommands, add_report_subcommand
+from cmlora.app.evaluate import add_eval_subcommands, add_report_subcommand
 from cmlora.evaluate.report import (
     WinTieLoss,
     bootstrap_ci,

@@ -198,8 +198,31 @@ def random_lora_state_dict(
     layout of ``fmt``: "kohya" (lora_unet_*/lora_te*_ + .alpha), "diffusers" (unet.*.lora_A/B)
     or "peft" (base_model.model.*.lora_A/B, UNet only)."""
     generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for component, name, module, key in _target_layers(pipe, text_encoder and fmt != "peft"):
+        down = torch.randn(rank, module.in_features, generator=generator) * scale
+        up = torch.randn(module.out_features, rank, generator=generator) * scale
+        if fmt == "kohya":
+            state[key + ".lora_down.weight"] = down
+            state[key + ".lora_up.weight"] = up
+            state[key + ".alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
+        elif fmt == "diffusers":
+            state[f"{component}.{name}.lora_A.weight"] = down
+            state[f"{component}.{name}.lora_B.weight"] = up
+        elif fmt == "peft":
+            state[f"base_model.model.{name}.lora_A.weight"] = down
+            state[f"base_model.model.{name}.lora_B.weight"] = up
+        else:
+            raise ValueError(f"unknown LoRA layout {fmt!r}; use kohya, diffusers or peft")
+    return state
+
+
+def _target_layers(pipe, text_encoder: bool):
+    """(component, module name, Linear, kohya key) of every layer the random files adapt, in a fixed
+    order (their random draws follow it). kohya names text-encoder layers with transformers 4's
+    "text_model." level."""
     components = [("unet", UNET_TARGETS)]
-    if text_encoder and fmt != "peft":
+    if text_encoder:
         components.append(("text_encoder", TEXT_TARGETS))
         if getattr(pipe, "text_encoder_2", None) is not None:
             components.append(("text_encoder_2", TEXT_TARGETS))
@@ -208,29 +231,12 @@ def random_lora_state_dict(
         "text_encoder": "lora_te1_" if hasattr(pipe, "text_encoder_2") else "lora_te_",
         "text_encoder_2": "lora_te2_",
     }
-    state: dict[str, torch.Tensor] = {}
     for component, targets in components:
         for name, module in getattr(pipe, component).named_modules():
             if not isinstance(module, torch.nn.Linear) or not name.endswith(targets):
                 continue
-            down = torch.randn(rank, module.in_features, generator=generator) * scale
-            up = torch.randn(module.out_features, rank, generator=generator) * scale
-            if fmt == "kohya":
-                # kohya names text-encoder layers with transformers 4's "text_model." level.
-                path = name if component == "unet" or name.startswith("text_model.") else "text_model." + name
-                key = kohya_prefix[component] + path.replace(".", "_")
-                state[key + ".lora_down.weight"] = down
-                state[key + ".lora_up.weight"] = up
-                state[key + ".alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
-            elif fmt == "diffusers":
-                state[f"{component}.{name}.lora_A.weight"] = down
-                state[f"{component}.{name}.lora_B.weight"] = up
-            elif fmt == "peft":
-                state[f"base_model.model.{name}.lora_A.weight"] = down
-                state[f"base_model.model.{name}.lora_B.weight"] = up
-            else:
-                raise ValueError(f"unknown LoRA layout {fmt!r}; use kohya, diffusers or peft")
-    return state
+            path = name if component == "unet" or name.startswith("text_model.") else "text_model." + name
+            yield component, name, module, kohya_prefix[component] + path.replace(".", "_")
 
 
 def write_random_lora(pipe, path, **kwargs) -> Path:
@@ -273,27 +279,12 @@ def random_lycoris_state_dict(
     """A LoHa or LoKr file (kohya/LyCORIS layout, with alpha = rank) on the layers
     ``random_lora_state_dict`` targets: for benchmarks and smoke runs without lycoris-lora."""
     generator = torch.Generator().manual_seed(seed)
-    components = [("unet", UNET_TARGETS)]
-    if text_encoder:
-        components.append(("text_encoder", TEXT_TARGETS))
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            components.append(("text_encoder_2", TEXT_TARGETS))
-    kohya_prefix = {
-        "unet": "lora_unet_",
-        "text_encoder": "lora_te1_" if hasattr(pipe, "text_encoder_2") else "lora_te_",
-        "text_encoder_2": "lora_te2_",
-    }
     state: dict[str, torch.Tensor] = {}
-    for component, targets in components:
-        for name, module in getattr(pipe, component).named_modules():
-            if not isinstance(module, torch.nn.Linear) or not name.endswith(targets):
-                continue
-            path = name if component == "unet" or name.startswith("text_model.") else "text_model." + name
-            key = kohya_prefix[component] + path.replace(".", "_")
-            factors = _lycoris_factors(kind, module.out_features, module.in_features, rank, generator, scale)
-            for suffix, tensor in factors.items():
-                state[f"{key}.{suffix}"] = tensor
-            state[key + ".alpha"] = torch.tensor(float(rank))
+    for _, _, module, key in _target_layers(pipe, text_encoder):
+        factors = _lycoris_factors(kind, module.out_features, module.in_features, rank, generator, scale)
+        for suffix, tensor in factors.items():
+            state[f"{key}.{suffix}"] = tensor
+        state[key + ".alpha"] = torch.tensor(float(rank))
     return state
 
 

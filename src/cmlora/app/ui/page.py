@@ -451,22 +451,25 @@ def build_page(ctx: UIContext):
                 None,
             )
 
+        # what loading a record fills in (its order is on_record's return order), then the status
+        record_fields = [
+            loras,
+            table,
+            prompt,
+            negative,
+            methods,
+            seed,
+            steps,
+            width,
+            height,
+            guidance,
+            lora_scale,
+            options,
+            profile,
+        ]
+
         def on_record(path):
-            fields = [
-                loras,
-                table,
-                prompt,
-                negative,
-                methods,
-                seed,
-                steps,
-                width,
-                height,
-                guidance,
-                lora_scale,
-                options,
-                profile,
-            ]
+            fields = record_fields
             if not path:
                 return [gr.skip()] * len(fields) + [gr.skip()]
             try:
@@ -531,22 +534,7 @@ def build_page(ctx: UIContext):
         load_record.upload(
             on_record,
             [load_record],
-            [
-                loras,
-                table,
-                prompt,
-                negative,
-                methods,
-                seed,
-                steps,
-                width,
-                height,
-                guidance,
-                lora_scale,
-                options,
-                profile,
-                status,
-            ],
+            [*record_fields, status],
             show_progress="hidden",
         )
         demo.load(on_load, [token], [token, status, *card_outputs, history], show_progress="hidden").then(

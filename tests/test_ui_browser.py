@@ -221,7 +221,14 @@ def test_a_session_in_headless_chromium(live, tmp_path, width, height):
         started = time.monotonic()
         browser.find_element(By.ID, "cancel").click()
         wait_for(lambda b: _status(b)[0] in TERMINAL)
-        assert _status(browser)[0] == "cancelled" and time.monotonic() - started < 5
+        # stopped long before its 100 steps: the wall bound is loose because a loaded machine slows
+        # each step (the step counts are the exact part)
+        assert _status(browser)[0] == "cancelled" and time.monotonic() - started < 15
+        done = [
+            int(bar.get_attribute("value"))
+            for bar in browser.find_elements(By.CSS_SELECTOR, "#status .cm-method progress")
+        ]
+        assert len(done) == 3 and all(steps < 100 for steps in done), done
         shot("4-cancelled")
 
         # reload: the session's gallery is still there

@@ -31,6 +31,7 @@ from .methods import (
     reads_profile,
     split_label,
 )
+from .methods.base import check_float, check_int
 
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 1000
@@ -155,12 +156,9 @@ class GenerationRequest:
         set_(self, "method", method_label(name, variant))
         set_(self, "variant", None)
         set_(self, "_resolved", (name, variant))
-        if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
-            raise OptionError(
-                f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {self.steps!r}"
-            )
-        if not _is_number(self.guidance_scale) or self.guidance_scale < 0:
-            raise OptionError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
+        # values are checked, not converted: records keep the number the user gave (5, not 5.0)
+        check_int("num_inference_steps", self.steps, 1, MAX_STEPS)
+        check_float("guidance_scale", self.guidance_scale, 0)
         if not _is_number(self.lora_scale) or not 0 <= self.lora_scale <= MAX_STRENGTH:
             raise OptionError(
                 f"lora_scale must be a number in [0, {MAX_STRENGTH:g}], got {self.lora_scale!r}"
@@ -173,8 +171,7 @@ class GenerationRequest:
             if value > MAX_SIDE:
                 raise OptionError(f"{label} {value} is larger than {MAX_SIDE} pixels")
         set_(self, "seeds", check_seeds(self.seeds))
-        if not _is_int(self.batch_size) or self.batch_size < 1:
-            raise OptionError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        check_int("batch_size", self.batch_size, 1)
         if not isinstance(self.options, Mapping):
             raise OptionError(f"options must be a mapping of option name to value, got {self.options!r}")
         set_(self, "options", MappingProxyType(dict(self.options)))

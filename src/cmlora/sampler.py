@@ -14,6 +14,7 @@ import torch
 from .adapters import AdapterSet
 from .calls import CallExecutor, Conditioning, Counters, call_groups
 from .errors import GenerationError
+from .frequency import latent_high_frequency
 from .macs import MacCounter
 from .methods import Method, StepState
 from .plans import StepPlan
@@ -90,8 +91,6 @@ class Denoiser:
     def __call__(self, step: int, t, latents: torch.Tensor, model_input: torch.Tensor) -> torch.Tensor:
         """The guided prediction at step ``step`` (timestep ``t``); ``model_input`` is ``latents``
         scaled by the scheduler, ``latents`` feed the statistic of methods that read it."""
-        from .frequency import latent_high_frequency
-
         method, cfg = self.method, self.cfg
         hf = latent_high_frequency(latents) if (method.needs_high_frequency or self.research) else None
         plan = self.plan = method.plan(step, StepState(high_frequency=hf))

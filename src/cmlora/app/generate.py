@@ -27,7 +27,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..models import load_base
     from ..request import GenerationRequest, resolve_method, seeds_from
 
-    method, _ = resolve_method(args.method, args.variant)  # a wrong label is refused before the load
+    method, variant = resolve_method(args.method, args.variant)  # a wrong label is refused before the load
     options = method_options(args, method)
     seeds = seeds_from(args.seed, args.num_images)
     if args.compile:
@@ -51,6 +51,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         triggers = [t for lora in loras for t in lora.triggers]
         prompt = ", ".join([base.base_prompt, *triggers])
     width, height = args.size if args.size else (None, None)
+    profile = base.profile_for(method, variant, [lora.path for lora in loras], options, args.profile)
     request = GenerationRequest(
         loras=tuple(loras),
         prompt=prompt,
@@ -64,11 +65,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         width=width,
         seeds=seeds,
         lora_scale=args.lora_scale,
+        profile=profile,
         research=args.research,
         fuse_loras=not args.no_fuse,
-    )
-    profile = base.profile_for(
-        request.method_name, request.method_variant, [lora.path for lora in loras], options, args.profile
     )
     out = Path(args.out)
     with Composer(
@@ -83,7 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for seed in seeds:
             # one image at a time, each saved as soon as it exists: an interrupt loses at most the
             # image being made, never a finished one
-            one = dataclasses.replace(request, seeds=(seed,), profile=profile)
+            one = dataclasses.replace(request, seeds=(seed,))  # the loaded profile goes along
             result = composer.run(one, progress=not args.quiet)
             _save_generated(result.images[0], result.records[0], out, args.research)
     return 0

@@ -469,14 +469,13 @@ def build_page(ctx: UIContext):
         ]
 
         def on_record(path):
-            fields = record_fields
             if not path:
-                return [gr.skip()] * len(fields) + [gr.skip()]
+                return [gr.skip()] * len(record_fields) + [gr.skip()]
             try:
                 record = read_record_upload(path)
                 form = form_from_record(record, ctx.files)
             except CmloraError as exc:
-                return [gr.skip()] * len(fields) + [status_html(ctx, None, str(exc), "error")]
+                return [gr.skip()] * len(record_fields) + [status_html(ctx, None, str(exc), "error")]
             choices = [(e.label, n) for n, e in ctx.files.loras().items()]
             message = (
                 f"Loaded the record of {form.methods[0]} · seed {form.seed}: press Generate to make it again."

@@ -14,6 +14,12 @@ UNet has one block per level, so its two cache points are (level 0, block 0) and
 The run folder is a sweep folder: interrupting and re-running resumes; `cmlora report` reads it too.
 Two CPU processes halve the wall time: run the same command with RANK=0 WORLD_SIZE=2 and RANK=1
 WORLD_SIZE=2 (or under `accelerate launch`); the last one to finish scores and writes the table.
+A run of one N at a time (`--n 2 --out runs/q2`, ...) renders the same images (a seed is a function of
+the composition and the seed index), each finished run is a table of its own, and
+
+    python benchmarks/quality.py --combine runs/q2 runs/q3 runs/q4 runs/q5 --out runs/quality
+
+writes the table of all of them.
 """
 
 from __future__ import annotations
@@ -74,10 +80,12 @@ def run(args) -> dict:
     methods = front_methods() if args.front else MAIN_METHODS
     defaults = dict(MINI_DEFAULTS, steps=args.steps)
     seeds = seeds_per_n(comps, args.seeds, args.images_per_n)
+    images = image_keys(comps, seeds, 0 if args.seeds else args.images_per_n)
     jobs = [
         SweepJob(comp, label, spec[2], k, image_seed(defaults["base_seed"], comp.id, k))
         for comp in comps
         for k in range(seeds[comp.n])
+        if (comp.id, k) in images
         for label, spec in methods.items()
     ]
     settings = {
@@ -85,6 +93,7 @@ def run(args) -> dict:
         "front": args.front,
         "sizes": args.n,
         "seeds": {str(n): k for n, k in sorted(seeds.items())},
+        "images_per_n": 0 if args.seeds else args.images_per_n,
         "limit": args.limit,
         "every": args.every,
         "methods": {k: [v[0], v[1], v[2]] for k, v in methods.items()},
@@ -111,7 +120,7 @@ def run(args) -> dict:
     with open(Path(args.out) / ".score.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         score_run(args.out, progress=not args.quiet)
-    return aggregate(Path(args.out), list(methods))
+    return aggregate([Path(args.out)], list(methods))
 
 
 def seeds_per_n(comps, seeds: int, images_per_n: int) -> dict[int, int]:
@@ -123,18 +132,40 @@ def seeds_per_n(comps, seeds: int, images_per_n: int) -> dict[int, int]:
     return {n: seeds or max(1, math.ceil(images_per_n / count)) for n, count in counts.items()}
 
 
+def image_keys(comps, seeds: dict[int, int], images_per_n: int) -> set[tuple[str, int]]:
+    """The (composition, seed index) pairs to render: every seed of ``seeds``, cut to exactly
+    ``images_per_n`` per N when it is not 0. The cut takes seed 0 of every composition, then seed 1,
+    and so on, so the seed counts of one N differ by at most one; rounding the seeds up instead
+    renders more than asked for (3 seeds of 96 compositions for 200 at N = 4)."""
+    by_n: dict[int, list[tuple[int, int, str]]] = defaultdict(list)
+    for index, comp in enumerate(comps):
+        by_n[comp.n] += [(k, index, comp.id) for k in range(seeds[comp.n])]
+    keys = set()
+    for items in by_n.values():
+        items.sort()
+        keys.update((cid, k) for k, _, cid in (items[:images_per_n] if images_per_n else items))
+    return keys
+
+
 def _se(values: list[float]) -> float:
     return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
 
 
-def aggregate(out: Path, labels: list[str]) -> dict:
+def read_scored(out: Path) -> list[tuple[dict, dict]]:
+    """(score, manifest record) of every scored image of one run folder."""
     manifest = {json.loads(line)["image"]: json.loads(line) for line in (out / "manifest.jsonl").open()}
-    scores = [json.loads(line) for line in (out / "eval" / "concepts.jsonl").open()]
+    return [
+        (score, manifest[score["image"]])
+        for score in map(json.loads, (out / "eval" / "concepts.jsonl").open())
+    ]
+
+
+def aggregate(outs: list[Path], labels: list[str]) -> dict:
+    """One table from one or more scored run folders (e.g. one per N, run one after the other)."""
     groups: dict[tuple[str, int], list] = defaultdict(list)
-    # (n, composition, seed) -> metric values of the reference method, for paired differences
+    # (composition, seed) -> metric values of the reference method, for paired differences
     reference: dict[tuple, dict] = {}
-    for score in scores:
-        record = manifest[score["image"]]
+    for score, record in (item for out in outs for item in read_scored(out)):
         groups[(record["method"], record["n"])].append((score, record))
         groups[(record["method"], 0)].append((score, record))
         if record["method"] == REFERENCE_METHOD:
@@ -169,6 +200,45 @@ def aggregate(out: Path, labels: list[str]) -> dict:
                 }
             )
     return {"rows": rows}
+
+
+#: Settings that may differ between run folders combined into one table.
+PER_RUN_SETTINGS = ("sizes", "seeds", "limit", "every")
+
+
+def combine(outs: list[Path]) -> tuple[dict, bool]:
+    """The table of several finished, scored run folders made with the same methods and sampling
+    settings, each N from one folder only (a composition in two folders would be counted twice)."""
+    first: dict | None = None
+    sizes: dict[int, Path] = {}
+    for out in outs:
+        try:
+            info = json.loads((out / "run.json").read_text())
+            settings, planned = info["settings"], info["jobs"]["count"]
+            scored = read_scored(out)
+        except (OSError, KeyError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{out} is not a finished quality run ({type(exc).__name__}: {exc})") from exc
+        if settings.get("benchmark") != "quality":
+            raise ValueError(f"{out} is not a quality run (its run.json says {settings.get('benchmark')!r})")
+        if len(scored) != planned:
+            raise ValueError(
+                f"{out} has {len(scored)} scored images of {planned}: finish it by running its command again"
+            )
+        for n in (int(x) for x in str(settings["sizes"]).split(",")):
+            if n in sizes:
+                raise ValueError(f"N = {n} is in both {sizes[n]} and {out}: combine each N once")
+            sizes[n] = out
+        if first is None:
+            first = settings
+            continue
+        for key in sorted(set(first) | set(settings)):
+            if key not in PER_RUN_SETTINGS and first.get(key) != settings.get(key):
+                raise ValueError(
+                    f"{outs[0]} and {out} differ in {key!r} ({first.get(key)!r} vs {settings.get(key)!r}): "
+                    "only runs with the same methods and sampling settings make one table"
+                )
+    assert first is not None  # argparse's nargs="+"
+    return aggregate(outs, list(first["methods"])), bool(first["front"])
 
 
 def _paired(r: dict, metric: str) -> str:
@@ -314,19 +384,33 @@ def main(argv=None) -> int:
         "call costs about the same at 2 and 4 rows)",
     )
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="RUN",
+        help="write one table and its plots to --out from finished run folders (e.g. --n 2, --n 3... run "
+        "one after the other); generates nothing",
+    )
     args = parser.parse_args(argv)
     if args.every < 1:
         parser.error(f"--every must be >= 1, got {args.every}")
-    result = run(args)
+    if args.combine:
+        try:
+            result, front = combine([Path(d) for d in args.combine])
+        except ValueError as exc:
+            parser.error(str(exc))
+    else:
+        result, front = run(args), args.front
     if result is None:
         print("this shard is done; the last shard to finish scores the run and writes the table")
         return 0
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
     (out / "quality.md").write_text(table + "\n")
     print(table)
-    for path in plots(result, out, args.front):
+    for path in plots(result, out, front):
         print(f"wrote {path}")
     return 0
 

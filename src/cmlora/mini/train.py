@@ -51,6 +51,8 @@ class LoRASchedule(NamedTuple):
 CATEGORY_SCHEDULE = {
     "style": LoRASchedule(noise_offset=0.1),
     "background": LoRASchedule(noise_offset=0.1),
+    # An object covers a small part of the image, so the per-pixel loss teaches it slowest.
+    "object": LoRASchedule(steps=1.5),
 }
 #: kohya's default text-encoder LoRA targets for SD-1.5 (CLIP attention and MLP).
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -516,13 +518,17 @@ def train_loras(
     lr: float = 1e-3,
     only: list[str] | None = None,
     n_reg: int = 1000,
+    p_uncaptioned: float = 0.3,
 ):
     """One kohya-style LoRA per concept: UNet attention/feed-forward (and conv for clothing, styles,
     backgrounds) plus text-encoder layers, trained on ``n_images`` renders of the concept that carry
     its incidental traits, captioned with its trigger list and the scene's descriptive tags (caption
     dropout and shuffle, the trigger token always kept), with prior preservation: half of every batch
-    is generic renders with their generic captions (a tenth of them uncaptioned), so the LoRA learns
-    trigger -> concept and leaves other prompts alone."""
+    is generic renders with their generic captions (``p_uncaptioned`` of them with the empty prompt),
+    whose target is the frozen base model's own prediction (the adapters off), not the drawn noise.
+    That target says exactly "change nothing here": against the drawn noise the base's own error
+    dominates the prior half's gradient, and LoRAs trained so moved the empty prompt's prediction
+    almost as much as their trigger's, where a real LoRA's effect follows its prompt."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
@@ -587,7 +593,9 @@ def train_loras(
                 for i in idx.tolist()
             ]
             caps += [
-                "" if rng.random() < 0.1 else world.caption(reg_scenes[i], rng, p_drop=0.3, shuffle=True)
+                ""
+                if rng.random() < p_uncaptioned
+                else world.caption(reg_scenes[i], rng, p_drop=0.3, shuffle=True)
                 for i in ridx.tolist()
             ]
             t = torch.randint(0, 1000, (batch,), generator=g)
@@ -595,9 +603,12 @@ def train_loras(
             if schedule.noise_offset:
                 noise = noise + schedule.noise_offset * torch.randn(z0.shape[:2] + (1, 1), generator=g)
             a = acp[t].view(-1, 1, 1, 1)
-            enc = te(dev(tokenize(tok, caps)))[0]
-            pred = unet(dev(a.sqrt() * z0 + (1 - a).sqrt() * noise), dev(t), encoder_hidden_states=enc).sample
-            loss = F.mse_loss(pred, dev(noise))
+            ids, x_t = dev(tokenize(tok, caps)), dev(a.sqrt() * z0 + (1 - a).sqrt() * noise)
+            with torch.no_grad(), unet.disable_adapter(), te.disable_adapter():
+                prior = unet(x_t[half:], dev(t[half:]), encoder_hidden_states=te(ids[half:])[0]).sample
+            enc = te(ids)[0]
+            pred = unet(x_t, dev(t), encoder_hidden_states=enc).sample
+            loss = F.mse_loss(pred, torch.cat([dev(noise[:half]), prior]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -635,7 +646,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--base-images", type=int, default=16000)
     ap.add_argument("--base-more-steps", type=int, default=2000)
     ap.add_argument("--base-more-lr", type=float, default=5e-4)
-    ap.add_argument("--lora-steps", type=int, default=500)
+    ap.add_argument("--lora-steps", type=int, default=700)
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--lora-images", type=int, default=48)

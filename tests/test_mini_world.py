@@ -246,3 +246,35 @@ def test_cli_generates_on_the_embedded_mini_model(tmp_path, capsys):
     assert record["base_model"] == "mini"
     assert record["prompt"] == "a picture, tinbot, metal head, visor eyes, peakbg, mountains, pale sky"
     assert record["options"]["low"] == ["background_2"]
+
+
+def test_lora_prior_target_is_the_frozen_base_prediction():
+    """The prior half of a LoRA's batch is trained toward the base's own prediction: with trained
+    (non-zero) adapters, the target still equals the plain base models' output, bit for bit."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from cmlora.mini.train import LORA_TARGETS, TEXT_TARGETS, base_prediction
+
+    torch.manual_seed(0)
+    pipe = mini.load_pipeline()
+    base_unet, base_te = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
+    unet = get_peft_model(
+        copy.deepcopy(pipe.unet), LoraConfig(r=2, lora_alpha=2, target_modules=LORA_TARGETS)
+    )
+    te = get_peft_model(
+        copy.deepcopy(pipe.text_encoder), LoraConfig(r=2, lora_alpha=2, target_modules=TEXT_TARGETS)
+    )
+    with torch.no_grad():
+        for name, param in list(unet.named_parameters()) + list(te.named_parameters()):
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # a trained adapter: its output now differs from the base's
+    ids = pipe.tokenizer(["a picture, red shirt", ""], padding="max_length", return_tensors="pt").input_ids
+    x_t, t = torch.randn(2, 4, 16, 16), torch.tensor([500, 20])
+    with torch.no_grad():
+        base = base_unet(x_t, t, encoder_hidden_states=base_te(ids)[0]).sample
+        adapted = unet(x_t, t, encoder_hidden_states=te(ids)[0]).sample
+    target = base_prediction(unet, te, x_t, t, ids)
+    assert torch.equal(target, base) and not torch.allclose(adapted, base, atol=1e-3)
+    assert not target.requires_grad

@@ -508,6 +508,14 @@ def kohya_state_dict(model, prefix: str, rank: int, alpha: float) -> dict[str, t
     return sd
 
 
+@torch.no_grad()
+def base_prediction(unet, te, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The frozen base model's noise prediction, from the peft-wrapped models with their adapters
+    off: the prior-preservation target of ``train_loras``."""
+    with unet.disable_adapter(), te.disable_adapter():
+        return unet(x_t, t, encoder_hidden_states=te(ids)[0]).sample
+
+
 def train_loras(
     work: str,
     steps: int,
@@ -526,9 +534,9 @@ def train_loras(
     dropout and shuffle, the trigger token always kept), with prior preservation: half of every batch
     is generic renders with their generic captions (``p_uncaptioned`` of them with the empty prompt),
     whose target is the frozen base model's own prediction (the adapters off), not the drawn noise.
-    That target says exactly "change nothing here": against the drawn noise the base's own error
-    dominates the prior half's gradient, and LoRAs trained so moved the empty prompt's prediction
-    almost as much as their trigger's, where a real LoRA's effect follows its prompt."""
+    That target says exactly "change nothing here"; against the drawn noise the prior half's
+    gradient also carries the base's own error, and LoRAs trained so moved the empty prompt's
+    prediction almost as much as their trigger's, where a real LoRA's effect follows its prompt."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
@@ -604,8 +612,7 @@ def train_loras(
                 noise = noise + schedule.noise_offset * torch.randn(z0.shape[:2] + (1, 1), generator=g)
             a = acp[t].view(-1, 1, 1, 1)
             ids, x_t = dev(tokenize(tok, caps)), dev(a.sqrt() * z0 + (1 - a).sqrt() * noise)
-            with torch.no_grad(), unet.disable_adapter(), te.disable_adapter():
-                prior = unet(x_t[half:], dev(t[half:]), encoder_hidden_states=te(ids[half:])[0]).sample
+            prior = base_prediction(unet, te, x_t[half:], dev(t[half:]), ids[half:])
             enc = te(ids)[0]
             pred = unet(x_t, dev(t), encoder_hidden_states=enc).sample
             loss = F.mse_loss(pred, torch.cat([dev(noise[:half]), prior]))

@@ -232,9 +232,6 @@ class PeakMemory:
 
 def run(args, save=None) -> dict:
     """``save`` gets the result so far after each row: a run stopped by a time limit keeps its rows."""
-    from cmlora import LoRA
-    from cmlora.api import Composer
-
     torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,8 +241,16 @@ def run(args, save=None) -> dict:
     pipe.set_progress_bar_config(disable=True)
     print(f"built {args.arch} in {time.perf_counter() - built:.1f} s", file=sys.stderr)
     size = FIXED_SIZE.get(args.arch, args.size)
+    with tempfile.TemporaryDirectory(prefix="cmlora-bench-") as scratch:
+        return _measure(args, pipe, size, Path(scratch), save)
+
+
+def _measure(args, pipe, size: int, folder: Path, save) -> dict:
+    """Every (N, method) row of a run, with its LoRA files written to ``folder``."""
+    from cmlora import LoRA
+    from cmlora.api import Composer
+
     sizes = [int(n) for n in args.n.split(",")]
-    folder = Path(tempfile.mkdtemp(prefix="cmlora-bench-"))
     files = [
         write_file(args, pipe, folder / f"{CATEGORY_ORDER[k]}.safetensors", k) for k in range(max(sizes))
     ]

@@ -1,6 +1,7 @@
 """Speed machinery: the benchmark runs (tiny smoke), and adapter activation never walks modules."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,8 +54,12 @@ def test_router_activation_is_constant_time(sd15, sd15_loras):
 
 
 def run_speed(tmp_path, *extra: str) -> tuple[dict, str]:
-    """The benchmark at tiny size as a user runs it: (its JSON, its printed table)."""
+    """The benchmark at tiny size as a user runs it: (its JSON, its printed table). Its temporary
+    folder (TMPDIR) holds none of its folders afterwards: the LoRA files and tokenizers it wrote are
+    gone (torch may leave its own compile cache there)."""
     out = tmp_path / "speed.json"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--arch", "tiny", "--n", "2", "--steps", "3"]
         + ["--repeats", "1", "--threads", "1", "--rank", "4", "--out", str(out), *extra],
@@ -62,7 +67,9 @@ def run_speed(tmp_path, *extra: str) -> tuple[dict, str]:
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("cmlora-")] == []
     return json.loads(out.read_text()), done.stdout
 
 

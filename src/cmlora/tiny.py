@@ -54,10 +54,14 @@ def write_tiny_tokenizer_files(folder: Path) -> Path:
 
 
 def tiny_tokenizer(folder: Path | None = None):
+    """The tiny CLIP tokenizer, its files written to ``folder`` or, without one, to a temporary
+    folder removed once loaded (every tiny pipeline builds one: kept, they pile up in /tmp)."""
     from transformers import CLIPTokenizer
 
-    folder = Path(folder or tempfile.mkdtemp(prefix="cmlora-tok-"))
-    write_tiny_tokenizer_files(folder)
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="cmlora-tok-") as scratch:
+            return tiny_tokenizer(Path(scratch))
+    write_tiny_tokenizer_files(Path(folder))
     # from_pretrained reads vocab.json/merges.txt under both transformers 4 and 5 (whose
     # constructors differ: 5 takes the vocabulary itself, not file names).
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=32, pad_token="<|endoftext|>")

@@ -120,7 +120,7 @@ def run(args) -> dict:
     with open(Path(args.out) / ".score.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         score_run(args.out, progress=not args.quiet)
-    return aggregate([Path(args.out)], list(methods))
+    return aggregate(read_scored(Path(args.out)), list(methods))
 
 
 def seeds_per_n(comps, seeds: int, images_per_n: int) -> dict[int, int]:
@@ -160,12 +160,13 @@ def read_scored(out: Path) -> list[tuple[dict, dict]]:
     ]
 
 
-def aggregate(outs: list[Path], labels: list[str]) -> dict:
-    """One table from one or more scored run folders (e.g. one per N, run one after the other)."""
+def aggregate(scored: list[tuple[dict, dict]], labels: list[str]) -> dict:
+    """One table from the (score, record) items of one or more scored run folders (e.g. one per N,
+    run one after the other)."""
     groups: dict[tuple[str, int], list] = defaultdict(list)
     # (composition, seed) -> metric values of the reference method, for paired differences
     reference: dict[tuple, dict] = {}
-    for score, record in (item for out in outs for item in read_scored(out)):
+    for score, record in scored:
         groups[(record["method"], record["n"])].append((score, record))
         groups[(record["method"], 0)].append((score, record))
         if record["method"] == REFERENCE_METHOD:
@@ -211,11 +212,13 @@ def combine(outs: list[Path]) -> tuple[dict, bool]:
     settings, each N from one folder only (a composition in two folders would be counted twice)."""
     first: dict | None = None
     sizes: dict[int, Path] = {}
+    items: list[tuple[dict, dict]] = []
     for out in outs:
         try:
             info = json.loads((out / "run.json").read_text())
             settings, planned = info["settings"], info["jobs"]["count"]
             scored = read_scored(out)
+            items += scored
         except (OSError, KeyError, json.JSONDecodeError) as exc:
             raise ValueError(f"{out} is not a finished quality run ({type(exc).__name__}: {exc})") from exc
         if settings.get("benchmark") != "quality":
@@ -238,7 +241,7 @@ def combine(outs: list[Path]) -> tuple[dict, bool]:
                     "only runs with the same methods and sampling settings make one table"
                 )
     assert first is not None  # argparse's nargs="+"
-    return aggregate(outs, list(first["methods"])), bool(first["front"])
+    return aggregate(items, list(first["methods"])), bool(first["front"])
 
 
 def _paired(r: dict, metric: str) -> str:

@@ -278,3 +278,39 @@ def test_lora_prior_target_is_the_frozen_base_prediction():
     target = base_prediction(unet, te, x_t, t, ids)
     assert torch.equal(target, base) and not torch.allclose(adapted, base, atol=1e-3)
     assert not target.requires_grad
+
+
+def test_lora_training_strength_is_the_strength_of_a_merge(tmp_path):
+    """A LoRA trained at a drawn strength s computes, at s, what its exported file merged at s
+    computes; and the export (after training ends at strength 1) does not carry the last draw."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    from cmlora.mini.lora_utils import merged_models
+    from cmlora.mini.train import TEXT_TARGETS, kohya_state_dict, set_lora_strength
+
+    torch.manual_seed(0)
+    pipe = mini.load_pipeline()
+    te = get_peft_model(
+        copy.deepcopy(pipe.text_encoder), LoraConfig(r=2, lora_alpha=2, target_modules=TEXT_TARGETS)
+    )
+    with torch.no_grad():
+        for name, param in te.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    ids = pipe.tokenizer(["a picture, red shirt"], padding="max_length", return_tensors="pt").input_ids
+    set_lora_strength((te,), 0.37)
+    with torch.no_grad():
+        trained = te(ids)[0]
+    set_lora_strength((te,), 1.0)
+    with torch.no_grad():
+        full = te(ids)[0]
+    path = tmp_path / "x.safetensors"
+    save_file(kohya_state_dict(te, "lora_te_text_model_", 2, 2.0), str(path))
+    for strength, expected in ((0.37, trained), (1.0, full)):
+        _, merged = merged_models(pipe.unet, pipe.text_encoder, [(str(path), strength)])
+        with torch.no_grad():
+            torch.testing.assert_close(merged(ids)[0], expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(trained, full, atol=1e-3)

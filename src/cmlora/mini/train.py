@@ -508,6 +508,17 @@ def kohya_state_dict(model, prefix: str, rank: int, alpha: float) -> dict[str, t
     return sd
 
 
+def set_lora_strength(models, strength: float) -> None:
+    """Scale every peft LoRA layer of ``models`` to ``strength`` times its alpha / rank, the same
+    factor a merge at that strength applies to the exported (strength 1) weights."""
+    from peft.tuners.lora import LoraLayer
+
+    for model in models:
+        for mod in model.modules():
+            if isinstance(mod, LoraLayer):
+                mod.set_scale("default", strength)
+
+
 @torch.no_grad()
 def base_prediction(unet, te, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The frozen base model's noise prediction, from the peft-wrapped models with their adapters
@@ -527,6 +538,8 @@ def train_loras(
     only: list[str] | None = None,
     n_reg: int = 1000,
     p_uncaptioned: float = 0.3,
+    strengths: tuple[float, float] = (1.0, 1.0),
+    prior_at_top: bool = False,
 ):
     """One kohya-style LoRA per concept: UNet attention/feed-forward (and conv for clothing, styles,
     backgrounds) plus text-encoder layers, trained on ``n_images`` renders of the concept that carry
@@ -536,7 +549,13 @@ def train_loras(
     whose target is the frozen base model's own prediction (the adapters off), not the drawn noise.
     That target says exactly "change nothing here"; against the drawn noise the prior half's
     gradient also carries the base's own error, and LoRAs trained so moved the empty prompt's
-    prediction almost as much as their trigger's, where a real LoRA's effect follows its prompt."""
+    prediction almost as much as their trigger's, where a real LoRA's effect follows its prompt.
+
+    ``strengths`` (lo, hi) other than (1, 1) draws each step's adapter strength from that range (both
+    models, as a merge at a strength scales them), so that the concept shows from lo to hi;
+    ``prior_at_top`` then trains the prior half at hi instead of the drawn strength. Both are off
+    for the shipped LoRAs: the README gives what two tries with them measured and why they were not
+    adopted."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
@@ -585,6 +604,7 @@ def train_loras(
         run = 0.0
         for step in range(c_steps):
             cosine_lr(opt, step, c_steps, c_lr, warmup=30)
+            strength = rng.uniform(*strengths) if strengths != (1.0, 1.0) else 1.0
             idx = torch.randint(0, len(mean), (half,), generator=g)
             ridx = torch.randint(0, len(reg_mean), (batch - half,), generator=g)
             z0 = (
@@ -613,15 +633,27 @@ def train_loras(
             a = acp[t].view(-1, 1, 1, 1)
             ids, x_t = dev(tokenize(tok, caps)), dev(a.sqrt() * z0 + (1 - a).sqrt() * noise)
             prior = base_prediction(unet, te, x_t[half:], dev(t[half:]), ids[half:])
-            enc = te(ids)[0]
-            pred = unet(x_t, dev(t), encoder_hidden_states=enc).sample
-            loss = F.mse_loss(pred, torch.cat([dev(noise[:half]), prior]))
+            if strengths != (1.0, 1.0):
+                set_lora_strength((unet, te), strength)
+            if prior_at_top:
+                # Each forward keeps the scale it ran with, so one backward serves both halves (of
+                # equal size: the mean of the two losses is the batch's mean).
+                pred = unet(x_t[:half], dev(t[:half]), encoder_hidden_states=te(ids[:half])[0]).sample
+                loss = F.mse_loss(pred, dev(noise[:half]))
+                set_lora_strength((unet, te), strengths[1])
+                pred = unet(x_t[half:], dev(t[half:]), encoder_hidden_states=te(ids[half:])[0]).sample
+                loss = (loss + F.mse_loss(pred, prior)) / 2
+            else:
+                enc = te(ids)[0]
+                pred = unet(x_t, dev(t), encoder_hidden_states=enc).sample
+                loss = F.mse_loss(pred, torch.cat([dev(noise[:half]), prior]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             run = loss.item() if step == 0 else 0.95 * run + 0.05 * loss.item()
             if step % 50 == 0 or step == c_steps - 1:
                 log(f"lora {cid} step {step} loss {run:.4f} {time.time() - t0:.0f}s")
+        set_lora_strength((unet, te), 1.0)
         sd = kohya_state_dict(unet, "lora_unet_", rank, float(rank))
         sd.update(
             kohya_state_dict(te, "lora_te_text_model_", rank, float(rank))
@@ -657,6 +689,20 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--lora-images", type=int, default=48)
+    ap.add_argument(
+        "--lora-uncaptioned", type=float, default=0.3, help="share of empty prompts in the prior half"
+    )
+    ap.add_argument(
+        "--lora-strengths",
+        type=float,
+        nargs=2,
+        default=(1.0, 1.0),
+        metavar=("LO", "HI"),
+        help="draw each step's adapter strength from [LO, HI] (default 1 1: always full strength)",
+    )
+    ap.add_argument(
+        "--lora-prior-at-top", action="store_true", help="train the prior half at HI, not the drawn strength"
+    )
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--base-batch", type=int, default=32)
@@ -681,7 +727,18 @@ def main(argv=None):
             a.work, a.base_more_steps, a.base_batch, a.base_images, seed=5, lr=a.base_more_lr, resume=True
         )
     if a.stage in ("loras", "all"):
-        train_loras(a.work, a.lora_steps, a.lora_batch, a.lora_images, a.lora_rank, lr=a.lora_lr, only=a.only)
+        train_loras(
+            a.work,
+            a.lora_steps,
+            a.lora_batch,
+            a.lora_images,
+            a.lora_rank,
+            lr=a.lora_lr,
+            only=a.only,
+            p_uncaptioned=a.lora_uncaptioned,
+            strengths=tuple(a.lora_strengths),
+            prior_at_top=a.lora_prior_at_top,
+        )
     if a.stage == "info":
         write_info()
 

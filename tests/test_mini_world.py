@@ -248,28 +248,35 @@ def test_cli_generates_on_the_embedded_mini_model(tmp_path, capsys):
     assert record["options"]["low"] == ["background_2"]
 
 
+def with_trained_adapters(model, targets):
+    """A peft copy of ``model`` with rank-2 adapters on ``targets`` whose output differs from the
+    model's: lora_B drawn, as after training (peft starts it at zero)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=2, target_modules=targets))
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return wrapped
+
+
 def test_lora_prior_target_is_the_frozen_base_prediction():
     """The prior half of a LoRA's batch is trained toward the base's own prediction: with trained
     (non-zero) adapters, the target still equals the plain base models' output, bit for bit."""
     import copy
-
-    from peft import LoraConfig, get_peft_model
 
     from cmlora.mini.train import LORA_TARGETS, TEXT_TARGETS, base_prediction
 
     torch.manual_seed(0)
     pipe = mini.load_pipeline()
     base_unet, base_te = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
-    unet = get_peft_model(
-        copy.deepcopy(pipe.unet), LoraConfig(r=2, lora_alpha=2, target_modules=LORA_TARGETS)
+    unet, te = (
+        with_trained_adapters(pipe.unet, LORA_TARGETS),
+        with_trained_adapters(pipe.text_encoder, TEXT_TARGETS),
     )
-    te = get_peft_model(
-        copy.deepcopy(pipe.text_encoder), LoraConfig(r=2, lora_alpha=2, target_modules=TEXT_TARGETS)
-    )
-    with torch.no_grad():
-        for name, param in list(unet.named_parameters()) + list(te.named_parameters()):
-            if "lora_B" in name:
-                param.normal_(0, 0.5)  # a trained adapter: its output now differs from the base's
     ids = pipe.tokenizer(["a picture, red shirt", ""], padding="max_length", return_tensors="pt").input_ids
     x_t, t = torch.randn(2, 4, 16, 16), torch.tensor([500, 20])
     with torch.no_grad():
@@ -283,9 +290,6 @@ def test_lora_prior_target_is_the_frozen_base_prediction():
 def test_lora_training_strength_is_the_strength_of_a_merge(tmp_path):
     """A LoRA trained at a drawn strength s computes, at s, what its exported file merged at s
     computes; and the export (after training ends at strength 1) does not carry the last draw."""
-    import copy
-
-    from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
 
     from cmlora.mini.lora_utils import merged_models
@@ -293,13 +297,7 @@ def test_lora_training_strength_is_the_strength_of_a_merge(tmp_path):
 
     torch.manual_seed(0)
     pipe = mini.load_pipeline()
-    te = get_peft_model(
-        copy.deepcopy(pipe.text_encoder), LoraConfig(r=2, lora_alpha=2, target_modules=TEXT_TARGETS)
-    )
-    with torch.no_grad():
-        for name, param in te.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
+    te = with_trained_adapters(pipe.text_encoder, TEXT_TARGETS)
     ids = pipe.tokenizer(["a picture, red shirt"], padding="max_length", return_tensors="pt").input_ids
     set_lora_strength((te,), 0.37)
     with torch.no_grad():

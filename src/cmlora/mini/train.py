@@ -574,6 +574,7 @@ def train_loras(
     reg_mean, reg_std = encode_pool(vae, reg_pool)
     os.makedirs(os.path.join(assets_dir(), "loras"), exist_ok=True)
     half = batch // 2
+    drawn = strengths != (1.0, 1.0)  # else every step at full strength, the shipped LoRAs' training
     for k, cid in enumerate(world.CONCEPT_IDS):
         if only and cid not in only:
             continue
@@ -604,7 +605,7 @@ def train_loras(
         run = 0.0
         for step in range(c_steps):
             cosine_lr(opt, step, c_steps, c_lr, warmup=30)
-            strength = rng.uniform(*strengths) if strengths != (1.0, 1.0) else 1.0
+            strength = rng.uniform(*strengths) if drawn else 1.0
             idx = torch.randint(0, len(mean), (half,), generator=g)
             ridx = torch.randint(0, len(reg_mean), (batch - half,), generator=g)
             z0 = (
@@ -633,7 +634,7 @@ def train_loras(
             a = acp[t].view(-1, 1, 1, 1)
             ids, x_t = dev(tokenize(tok, caps)), dev(a.sqrt() * z0 + (1 - a).sqrt() * noise)
             prior = base_prediction(unet, te, x_t[half:], dev(t[half:]), ids[half:])
-            if strengths != (1.0, 1.0):
+            if drawn:
                 set_lora_strength((unet, te), strength)
             if prior_at_top:
                 # Each forward keeps the scale it ran with, so one backward serves both halves (of

@@ -312,3 +312,23 @@ def test_lora_training_strength_is_the_strength_of_a_merge(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(merged(ids)[0], expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(trained, full, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lora-strengths", "1", "0.5"], "--lora-strengths 1 0.5: need 0 < LO <= HI"),
+        (["--lora-strengths", "0", "1"], "--lora-strengths 0 1: need 0 < LO <= HI"),
+        (["--lora-uncaptioned", "1.5"], "--lora-uncaptioned 1.5: a share"),
+        (["--only", "character_1", "charakter_2"], "--only charakter_2: no such LoRA"),
+    ],
+)
+def test_training_refuses_bad_options_before_writing(tmp_path, monkeypatch, capsys, extra, message):
+    from cmlora.mini.train import main
+
+    monkeypatch.setenv("CMLORA_MINI_ASSETS", str(tmp_path / "assets"))
+    with pytest.raises(SystemExit) as exc:
+        main(["loras", "--work", str(tmp_path / "work"), *extra])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

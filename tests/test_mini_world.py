@@ -320,6 +320,7 @@ def test_lora_training_strength_is_the_strength_of_a_merge(tmp_path):
         (["--lora-strengths", "1", "0.5"], "--lora-strengths 1 0.5: need 0 < LO <= HI"),
         (["--lora-strengths", "0", "1"], "--lora-strengths 0 1: need 0 < LO <= HI"),
         (["--lora-uncaptioned", "1.5"], "--lora-uncaptioned 1.5: a share"),
+        (["--base-min-snr", "-1"], "--base-min-snr -1: a positive gamma"),
         (["--only", "character_1", "charakter_2"], "--only charakter_2: no such LoRA"),
     ],
 )
@@ -332,3 +333,24 @@ def test_training_refuses_bad_options_before_writing(tmp_path, monkeypatch, caps
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_base_loss_min_snr_weights_each_sample_by_its_snr():
+    """Off, the loss is the plain MSE the shipped base was trained with, bit for bit; with gamma above
+    every SNR it is that MSE again; with gamma = 5 a sample at SNR 20 counts a quarter, one at SNR 1 fully."""
+    import torch.nn.functional as F
+
+    from cmlora.mini.train import noise_loss
+
+    g = torch.Generator().manual_seed(0)
+    pred, noise = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    alpha_bar = torch.tensor([20 / 21, 1 / 2])  # SNR 20 and 1
+    per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+    loss, mse = noise_loss(pred, noise, alpha_bar)
+    assert torch.equal(loss, F.mse_loss(pred, noise)) and torch.equal(mse, loss)
+    loss, mse = noise_loss(pred, noise, alpha_bar, min_snr=1e6)
+    torch.testing.assert_close(loss, F.mse_loss(pred, noise))
+    loss, mse = noise_loss(pred, noise, alpha_bar, min_snr=5.0)
+    torch.testing.assert_close(loss, (per_sample[0] / 4 + per_sample[1]) / 2)
+    torch.testing.assert_close(mse, per_sample.mean())
+    assert not mse.requires_grad

@@ -364,6 +364,21 @@ def tokenize(tok, caps):
     ).input_ids
 
 
+def noise_loss(
+    pred: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, min_snr: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base's training loss and its unweighted MSE (what the log shows, so that runs with and
+    without weighting compare). ``min_snr`` > 0 weights each sample by min(SNR, min_snr) / SNR with
+    SNR = alpha_bar / (1 - alpha_bar) (Min-SNR, Hang et al. 2023), which spends less of a small
+    budget on nearly clean latents; 0 weights every timestep alike, as the shipped base was trained."""
+    if min_snr <= 0:
+        loss = F.mse_loss(pred, noise)
+        return loss, loss.detach()
+    snr = alpha_bar / (1 - alpha_bar)
+    per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=tuple(range(1, pred.dim())))
+    return (torch.clamp(snr, max=min_snr) / snr * per_sample).mean(), per_sample.mean().detach()
+
+
 def train_base(
     work: str,
     steps: int,
@@ -377,8 +392,7 @@ def train_base(
     """Train the base UNet and text encoder on generic scenes. ``resume`` continues from the packed
     pipeline's (EMA) weights with a fresh warm-up and cosine schedule, as one resumes a checkpoint:
     the "base_more" stage of ``train_all.sh`` runs it after "base" (another seed, so new batches).
-    ``min_snr`` > 0 weights each sample's loss by min(SNR, min_snr) / SNR (Min-SNR, Hang et al. 2023),
-    which spends less of a small budget on nearly clean latents; 0 (the shipped base) weights all alike."""
+    ``min_snr``: see :func:`noise_loss`."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     seed_all(seed)
@@ -435,14 +449,7 @@ def train_base(
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         enc = te(dev(ids))[0]
         pred = unet(dev(zt), dev(t), encoder_hidden_states=enc).sample
-        if min_snr > 0:
-            snr = acp[t] / (1 - acp[t])
-            weight = dev(torch.clamp(snr, max=min_snr) / snr)
-            per_sample = F.mse_loss(pred, dev(noise), reduction="none").mean(dim=(1, 2, 3))
-            loss = (weight * per_sample).mean()
-            mse = per_sample.mean().detach()  # the log shows the unweighted loss, comparable across runs
-        else:
-            loss = mse = F.mse_loss(pred, dev(noise))
+        loss, mse = noise_loss(pred, dev(noise), dev(acp[t]), min_snr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -451,22 +451,10 @@ def build_page(ctx: UIContext):
                 None,
             )
 
+        # the settings that both a run reads and a loaded record fills in, in one order
+        settings = [table, prompt, negative, methods, seed, steps, width, height, guidance, lora_scale]
         # what loading a record fills in (its order is on_record's return order), then the status
-        record_fields = [
-            loras,
-            table,
-            prompt,
-            negative,
-            methods,
-            seed,
-            steps,
-            width,
-            height,
-            guidance,
-            lora_scale,
-            options,
-            profile,
-        ]
+        record_fields = [loras, *settings, options, profile]
 
         def on_record(path):
             if not path:
@@ -497,21 +485,7 @@ def build_page(ctx: UIContext):
                 status_html(ctx, None, message, "loaded"),
             ]
 
-        inputs = [
-            token,
-            table,
-            prompt,
-            negative,
-            methods,
-            seed,
-            steps,
-            width,
-            height,
-            guidance,
-            lora_scale,
-            profile,
-            options,
-        ]
+        inputs = [token, *settings, profile, options]
         outputs = [status, *card_outputs, history]
         generate.click(
             run,

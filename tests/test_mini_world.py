@@ -336,7 +336,7 @@ def test_training_refuses_bad_options_before_writing(tmp_path, monkeypatch, caps
 
 
 def test_base_loss_min_snr_weights_each_sample_by_its_snr():
-    """Off, the loss is the plain MSE the shipped base was trained with, bit for bit; with gamma above
+    """Off, the loss is the plain MSE (the base before Min-SNR), bit for bit; with gamma above
     every SNR it is that MSE again; with gamma = 5 a sample at SNR 20 counts a quarter, one at SNR 1 fully."""
     import torch.nn.functional as F
 

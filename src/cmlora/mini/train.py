@@ -370,7 +370,7 @@ def noise_loss(
     """The base's training loss and its unweighted MSE (what the log shows, so that runs with and
     without weighting compare). ``min_snr`` > 0 weights each sample by min(SNR, min_snr) / SNR with
     SNR = alpha_bar / (1 - alpha_bar) (Min-SNR, Hang et al. 2023), which spends less of a small
-    budget on nearly clean latents; 0 weights every timestep alike, as the shipped base was trained."""
+    budget on nearly clean latents (the shipped base: 5); 0 weights every timestep alike."""
     if min_snr <= 0:
         loss = F.mse_loss(pred, noise)
         return loss, loss.detach()
@@ -712,9 +712,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--base-min-snr",
         type=float,
-        default=0.0,
+        default=5.0,
         metavar="GAMMA",
-        help="Min-SNR loss weight for base and base_more (e.g. 5; default 0: every timestep weighted alike)",
+        help="Min-SNR loss weight for base and base_more (0: every timestep weighted alike)",
     )
     ap.add_argument("--lora-steps", type=int, default=700)
     ap.add_argument("--lora-rank", type=int, default=16)

@@ -364,6 +364,11 @@ def tokenize(tok, caps):
     ).input_ids
 
 
+# The shipped base's Min-SNR gamma: the function's and the CLI's default, so a rebuild from either
+# trains the shipped recipe.
+BASE_MIN_SNR = 5.0
+
+
 def noise_loss(
     pred: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, min_snr: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,7 +392,7 @@ def train_base(
     seed: int = 2,
     lr: float = 1e-3,
     resume: bool = False,
-    min_snr: float = 0.0,
+    min_snr: float = BASE_MIN_SNR,
 ):
     """Train the base UNet and text encoder on generic scenes. ``resume`` continues from the packed
     pipeline's (EMA) weights with a fresh warm-up and cosine schedule, as one resumes a checkpoint:
@@ -712,7 +717,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--base-min-snr",
         type=float,
-        default=5.0,
+        default=BASE_MIN_SNR,
         metavar="GAMMA",
         help="Min-SNR loss weight for base and base_more (0: every timestep weighted alike)",
     )

@@ -287,6 +287,24 @@ def test_lora_prior_target_is_the_frozen_base_prediction():
     assert not target.requires_grad
 
 
+def test_prior_weight_one_is_the_plain_batch_mse_and_other_weights_scale_the_prior_half():
+    import torch.nn.functional as F
+
+    from cmlora.mini.train import prior_preservation_loss
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(6, 4, 3, 3, generator=g), torch.randn(6, 4, 3, 3, generator=g)
+    assert torch.equal(prior_preservation_loss(pred, target, 3), F.mse_loss(pred, target))
+    instance, prior = F.mse_loss(pred[:3], target[:3]), F.mse_loss(pred[3:], target[3:])
+    torch.testing.assert_close(prior_preservation_loss(pred, target, 3, 4.0), (instance + 4 * prior) / 2)
+    # Only the prior half's error counts more: an error there moves the loss by 4x what it does at 1.
+    moved = target.clone()
+    moved[4] += 1
+    d1 = prior_preservation_loss(pred, moved, 3) - prior_preservation_loss(pred, target, 3)
+    d4 = prior_preservation_loss(pred, moved, 3, 4.0) - prior_preservation_loss(pred, target, 3, 4.0)
+    torch.testing.assert_close(d4, 4 * d1)
+
+
 def test_lora_training_strength_is_the_strength_of_a_merge(tmp_path):
     """A LoRA trained at a drawn strength s computes, at s, what its exported file merged at s
     computes; and the export (after training ends at strength 1) does not carry the last draw."""
@@ -321,6 +339,7 @@ def test_lora_training_strength_is_the_strength_of_a_merge(tmp_path):
         (["--lora-strengths", "0", "1"], "--lora-strengths 0 1: need 0 < LO <= HI"),
         (["--lora-uncaptioned", "1.5"], "--lora-uncaptioned 1.5: a share"),
         (["--base-min-snr", "-1"], "--base-min-snr -1: a positive gamma"),
+        (["--lora-prior-weight", "0"], "--lora-prior-weight 0: a positive weight"),
         (["--only", "character_1", "charakter_2"], "--only charakter_2: no such LoRA"),
     ],
 )

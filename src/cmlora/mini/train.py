@@ -555,6 +555,21 @@ def base_prediction(unet, te, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Ten
         return unet(x_t, t, encoder_hidden_states=te(ids)[0]).sample
 
 
+def prior_preservation_loss(
+    pred: torch.Tensor, target: torch.Tensor, half: int, prior_weight: float = 1.0
+) -> torch.Tensor:
+    """The mean of the instance half's and the prior half's noise MSE, the prior half's multiplied by
+    ``prior_weight`` (kohya's and diffusers' DreamBooth ``prior_loss_weight``). The prior half's error
+    is tens of times smaller than the instance half's, so at weight 1 its gradient barely holds the
+    prompts a LoRA should leave alone; a larger weight holds them harder. At weight 1 this is the
+    plain MSE over the whole batch, bit for bit (the shipped LoRAs' loss)."""
+    if prior_weight == 1.0:
+        return F.mse_loss(pred, target)
+    instance = F.mse_loss(pred[:half], target[:half])
+    prior = F.mse_loss(pred[half:], target[half:])
+    return (instance + prior_weight * prior) / 2
+
+
 def train_loras(
     work: str,
     steps: int,
@@ -568,6 +583,7 @@ def train_loras(
     p_uncaptioned: float = 0.3,
     strengths: tuple[float, float] = (1.0, 1.0),
     prior_at_top: bool = False,
+    prior_weight: float = 1.0,
 ):
     """One kohya-style LoRA per concept: UNet attention/feed-forward (and conv for clothing, styles,
     backgrounds) plus text-encoder layers, trained on ``n_images`` renders of the concept that carry
@@ -582,8 +598,8 @@ def train_loras(
     ``strengths`` (lo, hi) other than (1, 1) draws each step's adapter strength from that range (both
     models, as a merge at a strength scales them), so that the concept shows from lo to hi;
     ``prior_at_top`` then trains the prior half at hi instead of the drawn strength. Both are off
-    for the shipped LoRAs: the README gives what two tries with them measured and why they were not
-    adopted."""
+    for the shipped LoRAs: the README gives what the tries with them measured and why they were not
+    adopted. ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`)."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
@@ -671,11 +687,13 @@ def train_loras(
                 loss = F.mse_loss(pred, dev(noise[:half]))
                 set_lora_strength((unet, te), strengths[1])
                 pred = unet(x_t[half:], dev(t[half:]), encoder_hidden_states=te(ids[half:])[0]).sample
-                loss = (loss + F.mse_loss(pred, prior)) / 2
+                loss = (loss + prior_weight * F.mse_loss(pred, prior)) / 2
             else:
                 enc = te(ids)[0]
                 pred = unet(x_t, dev(t), encoder_hidden_states=enc).sample
-                loss = F.mse_loss(pred, torch.cat([dev(noise[:half]), prior]))
+                loss = prior_preservation_loss(
+                    pred, torch.cat([dev(noise[:half]), prior]), half, prior_weight
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -739,6 +757,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--lora-prior-at-top", action="store_true", help="train the prior half at HI, not the drawn strength"
     )
+    ap.add_argument(
+        "--lora-prior-weight",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="weight of the prior-preservation half's loss (default 1: both halves alike)",
+    )
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--base-batch", type=int, default=32)
@@ -755,6 +780,8 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         )
     if a.base_min_snr < 0:
         ap.error(f"--base-min-snr {a.base_min_snr:g}: a positive gamma (e.g. 5), or 0 for no weighting")
+    if not a.lora_prior_weight > 0:
+        ap.error(f"--lora-prior-weight {a.lora_prior_weight:g}: a positive weight (1: both halves alike)")
     if not 0 <= a.lora_uncaptioned <= 1:
         ap.error(f"--lora-uncaptioned {a.lora_uncaptioned:g}: a share, between 0 and 1")
     unknown = [cid for cid in a.only or [] if cid not in world.CONCEPT_IDS]
@@ -801,6 +828,7 @@ def main(argv=None):
             p_uncaptioned=a.lora_uncaptioned,
             strengths=tuple(a.lora_strengths),
             prior_at_top=a.lora_prior_at_top,
+            prior_weight=a.lora_prior_weight,
         )
     if a.stage == "info":
         write_info()

@@ -560,7 +560,7 @@ def prior_preservation_loss(
 ) -> torch.Tensor:
     """The mean of the instance half's and the prior half's noise MSE, the prior half's multiplied by
     ``prior_weight`` (kohya's and diffusers' DreamBooth ``prior_loss_weight``). The prior half's error
-    is tens of times smaller than the instance half's, so at weight 1 its gradient barely holds the
+    is much smaller than the instance half's, so at weight 1 its gradient barely holds the
     prompts a LoRA should leave alone; a larger weight holds them harder. At weight 1 this is the
     plain MSE over the whole batch, bit for bit (the shipped LoRAs' loss)."""
     if prior_weight == 1.0:

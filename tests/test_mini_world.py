@@ -118,6 +118,56 @@ def test_detectors_on_fixed_images():
     assert j.artifact.shape == (len(imgs),) and np.isfinite(j.artifact).all()
 
 
+def test_isotonic_pools_adjacent_violators():
+    from cmlora.mini.detectors import isotonic
+
+    x, y = isotonic(np.array([4.0, 1.0, 3.0, 2.0]), np.array([4.0, 1.0, 2.0, 3.0]))
+    assert x.tolist() == [1.0, 2.5, 4.0] and y.tolist() == [1.0, 2.5, 4.0]
+    x, y = isotonic(np.array([0.0, 1.0, 2.0]), np.array([3.0, 2.0, 1.0]))  # all decreasing: one block
+    assert x.tolist() == [1.0] and y.tolist() == [2.0]
+
+
+def test_graded_map_is_monotone_bounded_and_used_by_the_judge(tmp_path):
+    from safetensors.torch import save_file
+
+    from cmlora.mini import detectors
+
+    torch.manual_seed(0)
+    net = detectors.DetectorNet().eval()
+    n, c = 400, len(world.CONCEPT_IDS)
+    logits = torch.randn(n, c) * 4
+    # a head that is too steep: the true share is the sigmoid of a quarter of its logit
+    targets = torch.sigmoid(logits / 4)
+    uncalibrated = detectors.graded_score(net, logits)
+    assert np.array_equal(uncalibrated, logits.sigmoid().numpy())
+    detectors.fit_graded_map(net, logits, targets)
+    assert bool(net.graded_calibrated)
+    table = net.graded_map.numpy()
+    assert (np.diff(table, axis=1) >= 0).all()
+    assert table.min() >= float(targets.min()) and table.max() <= float(targets.max())
+    calibrated = detectors.graded_score(net, logits)
+    assert np.abs(calibrated - targets.numpy()).mean() < 0.5 * np.abs(uncalibrated - targets.numpy()).mean()
+    knots = net.graded_knots.numpy()
+    assert calibrated[0, 3] == np.float32(np.interp(float(logits[0, 3]), knots, table[3]))
+    with pytest.raises(ValueError, match="must both be"):
+        detectors.fit_graded_map(net, logits, targets[:, :3])
+    # saved and read back, the judge scores with the map; a file saved before the map existed loads
+    # with the sigmoid
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(state, tmp_path / "new.safetensors")
+    back = detectors.read_detectors(str(tmp_path / "new.safetensors"))
+    assert torch.equal(back.graded_map, net.graded_map) and bool(back.graded_calibrated)
+    old = {k: v for k, v in state.items() if not k.startswith("graded_") or k.startswith("graded.")}
+    save_file(old, tmp_path / "old.safetensors")
+    legacy = detectors.read_detectors(str(tmp_path / "old.safetensors"))
+    assert not bool(legacy.graded_calibrated)
+    imgs = [render.sample(700 + k)[0] for k in range(3)]
+    with torch.no_grad():
+        head = legacy(detectors.images_to_tensor(imgs))["graded"]
+    assert np.array_equal(detectors.judge(imgs, legacy).graded, head.sigmoid().numpy())
+    assert np.array_equal(detectors.judge(imgs, back).graded, detectors.graded_score(back, head))
+
+
 def test_judge_calls_noise_empty():
     from cmlora.mini.detectors import judge
     from cmlora.mini.train import noise_images

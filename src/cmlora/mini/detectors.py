@@ -8,7 +8,12 @@ blended in at partial strength (soft targets) and on noise and blob images (no c
 calibrated by one temperature per category on held-out data. Decision rules fixed here, before any
 benchmark run: a concept is *detected* when its calibrated probability is at least
 ``DETECT_THRESHOLD``; the artifact score is the Mahalanobis distance of the image's trunk features to
-those of held-out round-tripped renders, divided by the square root of the feature dimension."""
+those of held-out round-tripped renders, divided by the square root of the feature dimension.
+
+The graded head, trained with soft targets, comes out of training as a steep function of a concept's
+presence (a concept blended in at a quarter of its strength scored about 0.15, at three quarters about
+0.9), so it is calibrated too: per concept a monotone map of its logit, fitted by isotonic regression
+of the target share on held-out data (:func:`fit_graded_map`), makes the score mean what it says."""
 
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ CLASSES = {cat: [None] + [c["id"] for c in world.CONCEPTS[cat]] for cat in world
 WEIGHTS_NAME = "detectors.safetensors"
 DETECT_THRESHOLD = 0.5
 FEATURES = 256
+#: The graded map's knots: logits of the graded head from -GRADED_LOGIT_RANGE to +GRADED_LOGIT_RANGE.
+GRADED_KNOTS = 65
+GRADED_LOGIT_RANGE = 10.0
 
 
 class DetectorNet(nn.Module):
@@ -52,6 +60,13 @@ class DetectorNet(nn.Module):
         self.register_buffer("temperature", torch.ones(len(world.CATEGORIES)))
         self.register_buffer("feat_mean", torch.zeros(FEATURES))
         self.register_buffer("feat_prec", torch.eye(FEATURES))
+        # Set by fit_graded_map: per concept the calibrated score at each knot of the graded logit;
+        # until then (graded_calibrated 0) the score is the head's sigmoid.
+        self.register_buffer(
+            "graded_knots", torch.linspace(-GRADED_LOGIT_RANGE, GRADED_LOGIT_RANGE, GRADED_KNOTS)
+        )
+        self.register_buffer("graded_map", torch.zeros(len(world.CONCEPT_IDS), GRADED_KNOTS))
+        self.register_buffer("graded_calibrated", torch.zeros(()))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:  # x: N,3,64,64 in [-1,1]
         return self.trunk(self.features(x))
@@ -73,15 +88,23 @@ def weights_path() -> str:
     return os.path.join(assets_dir(), WEIGHTS_NAME)
 
 
-def load_detectors(path: str | None = None) -> DetectorNet:
+def read_detectors(path: str) -> DetectorNet:
+    """A judge from its file (not cached: for changing and saving it). A judge saved before the graded
+    map existed loads with the sigmoid score (uncalibrated)."""
     from safetensors.torch import load_file
 
+    net = DetectorNet()
+    state = load_file(path)
+    missing = {k for k in ("graded_knots", "graded_map", "graded_calibrated") if k not in state}
+    defaults = net.state_dict()
+    net.load_state_dict({**{k: defaults[k] for k in missing}, **state})
+    return net.eval()
+
+
+def load_detectors(path: str | None = None) -> DetectorNet:
     path = path or weights_path()
     if path not in _CACHE:
-        net = DetectorNet()
-        net.load_state_dict(load_file(path))
-        net.eval()
-        _CACHE[path] = net
+        _CACHE[path] = read_detectors(path)
     return _CACHE[path]
 
 
@@ -127,12 +150,61 @@ def judge(images, net: DetectorNet | None = None, batch_size: int = 256) -> Judg
         out = net(images_to_tensor(images[i : i + batch_size]))
         for k, cat in enumerate(world.CATEGORIES):
             proba[cat].append((out[cat] / net.temperature[k]).softmax(-1).numpy())
-        graded.append(out["graded"].sigmoid().numpy())
+        graded.append(graded_score(net, out["graded"]))
         d = out["features"] - net.feat_mean
         artifact.append((((d @ net.feat_prec) * d).sum(-1).clamp_min(0) / FEATURES).sqrt().numpy())
     return Judgement(
         {cat: np.concatenate(v) for cat, v in proba.items()}, np.concatenate(graded), np.concatenate(artifact)
     )
+
+
+def graded_score(net: DetectorNet, logits: torch.Tensor) -> np.ndarray:
+    """The graded head's logits (n, concepts) as scores in [0, 1]: the calibrated map when the net has
+    one, else the sigmoid."""
+    if not bool(net.graded_calibrated):
+        return logits.sigmoid().cpu().numpy()
+    x = logits.detach().cpu().double().numpy()
+    knots = net.graded_knots.cpu().double().numpy()
+    table = net.graded_map.cpu().double().numpy()
+    return np.stack([np.interp(x[:, k], knots, table[k]) for k in range(x.shape[1])], axis=1).astype(
+        np.float32
+    )
+
+
+def isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares non-decreasing fit of ``y`` on ``x`` (pool adjacent violators): the blocks' mean
+    x and fitted y, in increasing x."""
+    order = np.argsort(x, kind="stable")
+    xs, ys = np.asarray(x, np.float64)[order], np.asarray(y, np.float64)[order]
+    sums_x, sums_y, counts = [], [], []
+    for xv, yv in zip(xs, ys, strict=True):
+        sums_x.append(xv)
+        sums_y.append(yv)
+        counts.append(1)
+        while len(counts) > 1 and sums_y[-2] / counts[-2] >= sums_y[-1] / counts[-1]:
+            sx, sy, n = sums_x.pop(), sums_y.pop(), counts.pop()
+            sums_x[-1] += sx
+            sums_y[-1] += sy
+            counts[-1] += n
+    n = np.asarray(counts, np.float64)
+    return np.asarray(sums_x) / n, np.asarray(sums_y) / n
+
+
+@torch.no_grad()
+def fit_graded_map(net: DetectorNet, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Calibrate the graded score: per concept the isotonic regression of the target share on the
+    head's logit over held-out images, read at the knots (flat beyond the data, so never outside the
+    targets' range), stored in the net."""
+    knots = net.graded_knots.cpu().double().numpy()
+    x = logits.detach().cpu().double().numpy()
+    y = targets.detach().cpu().double().numpy()
+    if x.shape != y.shape or x.shape[1] != len(world.CONCEPT_IDS):
+        raise ValueError(
+            f"logits {tuple(x.shape)} and targets {tuple(y.shape)} must both be (n, {len(world.CONCEPT_IDS)})"
+        )
+    table = np.stack([np.interp(knots, *isotonic(x[:, k], y[:, k])) for k in range(x.shape[1])])
+    net.graded_map.copy_(torch.from_numpy(table).to(net.graded_map))
+    net.graded_calibrated.fill_(1.0)
 
 
 def predict_proba(images, net: DetectorNet | None = None, batch_size: int = 256) -> dict[str, np.ndarray]:

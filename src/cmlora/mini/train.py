@@ -289,6 +289,35 @@ def calibrate(net, images: np.ndarray, cats, bs: int = 512) -> None:
     )
 
 
+#: The judge's held-out set (renders, blends, noise images, seed): its temperatures and graded map.
+HELD_OUT_JUDGE_DATA = (1500, 600, 400, 21_000_000)
+
+
+@torch.no_grad()
+def calibrate_graded(net, images: np.ndarray, targets: torch.Tensor, bs: int = 512) -> None:
+    """The graded score's map (``detectors.fit_graded_map``) on held-out images and their target shares."""
+    logits = torch.cat([net(u8_to_t(images[i : i + bs]))["graded"].cpu() for i in range(0, len(images), bs)])
+    detectors.fit_graded_map(net, logits, targets)
+    log("graded map fitted on", len(images), "held-out images")
+
+
+def calibrate_shipped_graded(work: str) -> None:
+    """Fit the graded map of the judge in the assets folder on its held-out set (the weights, the
+    temperatures and the artifact statistics stay as they are) and save it in place: the step that
+    ``train_detectors`` ends with, for a judge trained before it had one."""
+    from safetensors.torch import save_file
+
+    path = detectors.weights_path()
+    net = detectors.read_detectors(path).to(DEVICE)
+    held, _, hgraded = judge_data(*HELD_OUT_JUDGE_DATA, load_vae(work))
+    calibrate_graded(net, held, hgraded)
+    tmp = path + ".tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+    detectors._CACHE.clear()
+    log("saved the graded map into", path)
+
+
 @torch.no_grad()
 def fit_render_features(net, images: np.ndarray, bs: int = 512) -> None:
     feats = (
@@ -332,8 +361,9 @@ def train_detectors(work: str, steps: int, batch: int, n_images: int, seed: int 
             }
             log(f"det step {step} loss {loss.item():.3f} acc {accs} {time.time() - t0:.0f}s")
     net.eval()
-    held, hcats, _ = judge_data(1500, 600, 400, 21_000_000, vae)
+    held, hcats, hgraded = judge_data(*HELD_OUT_JUDGE_DATA, vae)
     calibrate(net, held, hcats)
+    calibrate_graded(net, held, hgraded)
     renders, _ = render_pool(2000, 22_000_000, p_concept=0.5)
     fit_render_features(net, vae_roundtrip(vae, renders) if vae is not None else renders)
     os.makedirs(assets_dir(), exist_ok=True)
@@ -721,7 +751,11 @@ def train_loras(
 def parser() -> argparse.ArgumentParser:
     """The stages' options; `scripts/mini/time_stages.sh` reads the default step counts from it."""
     ap = argparse.ArgumentParser(prog="python -m cmlora.mini.train")
-    ap.add_argument("stage", choices=["vae", "detectors", "base", "base_more", "loras", "info", "all"])
+    ap.add_argument(
+        "stage",
+        choices=["vae", "detectors", "detectors_graded", "base", "base_more", "loras", "info", "all"],
+        help="detectors_graded: fit only the judge's graded map, on the judge in the assets folder",
+    )
     ap.add_argument("--work", default="/tmp/mini_build")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (a lent GPU trains the same stages faster)")
@@ -803,6 +837,8 @@ def main(argv=None):
         train_vae(a.work, a.vae_steps, a.vae_batch, 12000)
     if a.stage in ("detectors", "all"):
         train_detectors(a.work, a.det_steps, 48, 16000)
+    if a.stage == "detectors_graded":
+        calibrate_shipped_graded(a.work)
     if a.stage in ("base", "all"):
         train_base(a.work, a.base_steps, a.base_batch, a.base_images, lr=a.base_lr, min_snr=a.base_min_snr)
     if a.stage in ("base_more", "all"):

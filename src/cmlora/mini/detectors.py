@@ -10,10 +10,10 @@ benchmark run: a concept is *detected* when its calibrated probability is at lea
 ``DETECT_THRESHOLD``; the artifact score is the Mahalanobis distance of the image's trunk features to
 those of held-out round-tripped renders, divided by the square root of the feature dimension.
 
-The graded head, trained with soft targets, comes out of training as a steep function of a concept's
-presence (a concept blended in at a quarter of its strength scored about 0.15, at three quarters about
-0.9), so it is calibrated too: per concept a monotone map of its logit, fitted by isotonic regression
-of the target share on held-out data (:func:`fit_graded_map`), makes the score mean what it says."""
+The graded head, trained with soft targets, comes out of training as a steeper function of a concept's
+presence than the share it is meant to be (it under-credits a concept faded to a quarter and
+over-credits one at three quarters), so it is calibrated too: per concept a monotone map of its logit,
+fitted by isotonic regression of the target share on held-out data (:func:`fit_graded_map`)."""
 
 from __future__ import annotations
 

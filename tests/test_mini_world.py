@@ -168,6 +168,23 @@ def test_graded_map_is_monotone_bounded_and_used_by_the_judge(tmp_path):
     assert np.array_equal(detectors.judge(imgs, back).graded, detectors.graded_score(back, head))
 
 
+def test_calibrate_graded_fits_the_map_on_the_heads_logits_of_those_images():
+    from cmlora.mini import detectors, train
+
+    torch.manual_seed(1)
+    net, twin = detectors.DetectorNet().eval(), detectors.DetectorNet().eval()
+    twin.load_state_dict(net.state_dict())
+    images = np.stack([render.sample(800 + k, p_concept=0.5)[0] for k in range(12)])
+    targets = torch.rand(12, len(world.CONCEPT_IDS))
+    train.calibrate_graded(net, images, targets, bs=5)
+    with torch.no_grad():
+        logits = twin(train.u8_to_t(images))["graded"]
+    detectors.fit_graded_map(twin, logits, targets)
+    # batches of 5 against one batch: the same logits up to float noise, so the same map up to it
+    assert torch.allclose(net.graded_map, twin.graded_map, atol=1e-5) and bool(net.graded_calibrated)
+    assert "detectors_graded" in train.parser().parse_args(["detectors_graded"]).stage
+
+
 def test_judge_calls_noise_empty():
     from cmlora.mini.detectors import judge
     from cmlora.mini.train import noise_images

@@ -213,6 +213,7 @@ def combine(outs: list[Path]) -> tuple[dict, bool]:
     first: dict | None = None
     sizes: dict[int, Path] = {}
     items: list[tuple[dict, dict]] = []
+    judges: dict[str, Path] = {}  # judge id -> the first folder scored by it
     for out in outs:
         try:
             info = json.loads((out / "run.json").read_text())
@@ -226,6 +227,14 @@ def combine(outs: list[Path]) -> tuple[dict, bool]:
         if len(scored) != planned:
             raise ValueError(
                 f"{out} has {len(scored)} scored images of {planned}: finish it by running its command again"
+            )
+        for score, _ in scored:
+            judges.setdefault(str(score.get("judge", "unrecorded")), out)
+        if len(judges) > 1:
+            seen = ", ".join(f"{j} (first in {p})" for j, p in judges.items())
+            raise ValueError(
+                f"the images were scored by different judges: {seen}; score every folder with the same "
+                "judge (`cmlora eval concepts RUN_DIR --overwrite`) before combining them"
             )
         for n in (int(x) for x in str(settings["sizes"]).split(",")):
             if n in sizes:

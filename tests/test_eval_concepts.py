@@ -83,3 +83,18 @@ def test_score_run_resumes_and_feeds_the_report(tmp_path, monkeypatch):
 
     data = build_report(run, n_resamples=50)
     assert data.has_concepts
+    # every score names its judge; another judge (retrained, recalibrated) is refused until the run is
+    # scored afresh, and a rescore that cannot read an image leaves the old scores as they were
+    assert {r["judge"] for r in read_jsonl(out)} == {detectors.judge_id()}
+    monkeypatch.setattr(detectors, "judge_id", lambda path=None: "0123456789abcdef")
+    with pytest.raises(concepts.ManifestError, match=r"another judge \(.*; this one is 0123456789abcdef\)"):
+        concepts.score_run(run, progress=False)
+    before = out.read_bytes()
+    (run / "images" / "1.png").rename(run / "images" / "1.moved")
+    with pytest.raises(concepts.ManifestError, match=r"1 manifest image\(s\) cannot be read"):
+        concepts.score_run(run, progress=False, overwrite=True)
+    assert out.read_bytes() == before and calls == [2]
+    (run / "images" / "1.moved").rename(run / "images" / "1.png")
+    concepts.score_run(run, progress=False, overwrite=True)
+    assert calls == [2, 2] and {r["judge"] for r in read_jsonl(out)} == {"0123456789abcdef"}
+    assert len(read_jsonl(out)) == 2

@@ -83,7 +83,14 @@ def test_seeds_per_n_reach_the_image_target_exactly():
     assert len(quality.image_keys(comps, {2: 2, 3: 2, 4: 2, 5: 2}, 0)) == 2 * 240  # --seeds: all of them
 
 
-def write_run(out: Path, sizes: str, rows: list[tuple], steps: int = 20, scored: int | None = None):
+def write_run(
+    out: Path,
+    sizes: str,
+    rows: list[tuple],
+    steps: int = 20,
+    scored: int | None = None,
+    judge: str | None = None,
+):
     """A finished quality run folder: rows of (method, n, composition, seed, recall)."""
     (out / "eval").mkdir(parents=True)
     settings = {"benchmark": "quality", "front": False, "sizes": sizes, "steps": steps}
@@ -96,6 +103,8 @@ def write_run(out: Path, sizes: str, rows: list[tuple], steps: int = 20, scored:
         records[-1].update(macs=1e9, seconds=1.0, full_calls=20, cached_calls=0)
         scores.append({"image": f"{i}.png", "recall": recall, "graded": recall, "artifact": 1.0})
         scores[-1]["all_present"] = recall == 1.0
+        if judge is not None:
+            scores[-1]["judge"] = judge
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     scores = scores[:scored] if scored is not None else scores
     (out / "eval" / "concepts.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
@@ -134,6 +143,14 @@ def test_combine_refuses_overlapping_unfinished_or_unlike_runs(tmp_path):
         quality.combine([tmp_path / "d"])
     with pytest.raises(ValueError, match=r"is not a finished quality run \(FileNotFoundError"):
         quality.combine([tmp_path / "missing"])
+    write_run(tmp_path / "e", "2", [("merge", 2, "a", 1, 1.0)], judge="aaaa")
+    write_run(tmp_path / "f", "3", [("merge", 3, "b", 1, 1.0)], judge="bbbb")
+    write_run(tmp_path / "g", "3", [("merge", 3, "b", 1, 1.0)], judge="aaaa")
+    with pytest.raises(ValueError, match=r"different judges: aaaa \(first in .*e\), bbbb \(first in .*f\)"):
+        quality.combine([tmp_path / "e", tmp_path / "f"])
+    with pytest.raises(ValueError, match=r"different judges: unrecorded .*, aaaa"):
+        quality.combine([tmp_path / "c", tmp_path / "e"])  # scored before judges were recorded
+    assert quality.combine([tmp_path / "e", tmp_path / "g"])[0]["rows"]
 
 
 def test_combine_on_the_command_line_writes_table_and_plots(tmp_path, capsys):

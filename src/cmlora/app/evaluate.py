@@ -81,10 +81,16 @@ def add_eval_subcommands(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "For a run made on the mini world (cmlora sweep --testbed mini), detect which character, clothing, "
             "style, background and object each image shows and append {image, recall, all_present} lines to "
-            "RUN_DIR/eval/concepts.jsonl (read by cmlora report). Already scored images are skipped."
+            "RUN_DIR/eval/concepts.jsonl (read by cmlora report). Already scored images are skipped; scores "
+            "from another judge are refused (--overwrite scores afresh)."
         ),
     )
     concepts.add_argument("run_dir", metavar="RUN_DIR", help="sweep run directory containing manifest.jsonl")
+    concepts.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard existing concepts.jsonl and score everything again (needed after the judge changed)",
+    )
     concepts.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     concepts.set_defaults(func=_run_concepts, resumes=True)
 
@@ -237,7 +243,7 @@ def _run_concepts(args: argparse.Namespace) -> int:
     from ..evaluate.runs import ManifestError
 
     try:
-        out = score_run(args.run_dir, progress=not args.no_progress)
+        out = score_run(args.run_dir, progress=not args.no_progress, overwrite=args.overwrite)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

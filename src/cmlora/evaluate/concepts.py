@@ -13,9 +13,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..paths import regular_file_problem
 from .runs import (
     CONCEPTS_FILENAME,
     JsonlAppender,
+    ManifestError,
     eval_dir,
     open_run_image,
     read_jsonl,
@@ -30,16 +32,37 @@ def concept_recall(expected: dict[str, str], detected: dict[str, str | None]) ->
     return recall, hits == len(expected)
 
 
-def score_run(run_dir: str | os.PathLike[str], batch_size: int = 256, progress: bool = True) -> Path:
-    """Append {image, recall, all_present, graded, artifact, detected, expected} to
-    RUN_DIR/eval/concepts.jsonl for every manifest image not scored yet (an interrupted run resumes)."""
+def score_run(
+    run_dir: str | os.PathLike[str], batch_size: int = 256, progress: bool = True, overwrite: bool = False
+) -> Path:
+    """Append {image, recall, all_present, graded, artifact, detected, expected, judge} to
+    RUN_DIR/eval/concepts.jsonl for every manifest image not scored yet (an interrupted run resumes).
+    A file scored by another judge (retrained or recalibrated, or from before judges were recorded) is
+    refused, since its means would mix two judges; ``overwrite`` scores every image afresh."""
     from tqdm.auto import tqdm
 
-    from ..mini.detectors import judge
+    from ..mini.detectors import judge, judge_id
 
     entries = read_manifest(run_dir)
     out = eval_dir(run_dir) / CONCEPTS_FILENAME
-    done = {os.path.normpath(r["image"]) for r in read_jsonl(out)} if out.exists() else set()
+    current = judge_id()
+    if overwrite:
+        unreadable = [
+            f"{path}: {problem}"
+            for path in (resolve_image(run_dir, e.image) for e in entries)
+            if (problem := regular_file_problem(path)) is not None
+        ]
+        if unreadable:  # refused before the old scores are discarded
+            raise ManifestError(f"{len(unreadable)} manifest image(s) cannot be read, e.g. {unreadable[0]}")
+        out.unlink(missing_ok=True)
+    existing = read_jsonl(out) if out.exists() else []
+    others = sorted({str(r.get("judge", "unrecorded")) for r in existing} - {current})
+    if others:
+        raise ManifestError(
+            f"{out} holds scores from another judge ({', '.join(others)}; this one is {current}): "
+            f"score again with `cmlora eval concepts {run_dir} --overwrite` (overwrite=True)"
+        )
+    done = {os.path.normpath(r["image"]) for r in existing}
     todo = [e for e in entries if os.path.normpath(e.image) not in done]
     bar = tqdm(total=len(todo), desc="concepts", unit="img", disable=not progress)
     with JsonlAppender(out) as sink:
@@ -61,6 +84,7 @@ def score_run(run_dir: str | os.PathLike[str], batch_size: int = 256, progress: 
                         "artifact": float(verdict.artifact[k]),
                         "detected": detected,
                         "expected": expected,
+                        "judge": current,
                     }
                 )
             bar.update(len(chunk))

@@ -101,6 +101,18 @@ def read_detectors(path: str) -> DetectorNet:
     return net.eval()
 
 
+def judge_id(path: str | None = None) -> str:
+    """Which judge this is: the first 16 hex digits of its file's SHA-256. Scores are tagged with it,
+    so that scores from a retrained or recalibrated judge are never averaged with older ones."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path or weights_path(), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def load_detectors(path: str | None = None) -> DetectorNet:
     path = path or weights_path()
     if path not in _CACHE:

@@ -59,6 +59,29 @@ def test_concept_parts_and_blends():
         assert render.blend(s, [cat], 1.0)[0].tolist() == render.render_array(s).tolist()
 
 
+def test_near_misses_lack_only_the_new_detail_and_are_labelled_none():
+    from cmlora.mini.train import judge_data
+
+    for cid in world.CONCEPT_IDS:
+        cat = world.CONCEPT_BY_ID[cid]["category"]
+        s = world.sample_scene(random.Random(4), {cat: cid})
+        near = world.without_detail(s, cat)
+        share = 1 - 1 / len(world._part_flags(s)[cid])  # every part but the detail (2 of 3, or 1 of 2)
+        assert near.labels()[cat] is None and near.parts()[cid] == pytest.approx(share)
+        assert set(s.details) - set(near.details) == {world.CONCEPT_BY_ID[cid]["detail"]}
+        assert render.render_array(near).tolist() != render.render_array(s).tolist()
+        with pytest.raises(ValueError, match=f"has no {cat} concept"):
+            world.without_detail(near, cat)
+    n = len(world.CONCEPT_IDS)
+    images, cats, graded = judge_data(2, 0, 0, 123, n_near=n)
+    assert images.shape == (2 + n, 64, 64, 3)
+    for k, cid in enumerate(world.CONCEPT_IDS):  # one near miss per concept, in order
+        cat = world.CONCEPT_BY_ID[cid]["category"]
+        assert cats[cat][2 + k, 0] == 1.0  # none
+        share = 1 - 1 / len(world._part_flags(world.Scene())[cid])
+        assert graded[2 + k, world.CONCEPT_IDS.index(cid)] == pytest.approx(share)
+
+
 def test_incidental_traits_and_tags_prompt():
     s = world.sample_scene(random.Random(1), {"character": "character_2"}, p_traits=1.0)
     assert (s.bg_kind, s.bg_color, s.thing) == ("plain", "pink", "ball")
@@ -407,6 +430,7 @@ def test_lora_training_strength_is_the_strength_of_a_merge(tmp_path):
         (["--lora-uncaptioned", "1.5"], "--lora-uncaptioned 1.5: a share"),
         (["--base-min-snr", "-1"], "--base-min-snr -1: a positive gamma"),
         (["--lora-prior-weight", "0"], "--lora-prior-weight 0: a positive weight"),
+        (["--det-near-misses", "-5"], "--det-near-misses -5: a count"),
         (["--only", "character_1", "charakter_2"], "--only charakter_2: no such LoRA"),
     ],
 )

@@ -203,9 +203,10 @@ def noise_images(n: int, seed: int) -> np.ndarray:
     return out
 
 
-def judge_data(n_render: int, n_blend: int, n_noise: int, seed0: int, vae=None):
+def judge_data(n_render: int, n_blend: int, n_noise: int, seed0: int, vae=None, n_near: int = 0):
     """Images and soft targets for the judge: renders (half also VAE round-tripped when a VAE is
-    given), renders with some of their concepts blended in at a random strength, and noise."""
+    given), renders with some of their concepts blended in at a random strength, near misses (a concept
+    without its new detail, labelled none; half also round-tripped) and noise."""
     rng = random.Random(seed0)
     pool, scenes = render_pool(n_render, seed0, p_concept=0.5)
     cats, graded = soft_targets(scenes)
@@ -228,6 +229,19 @@ def judge_data(n_render: int, n_blend: int, n_noise: int, seed0: int, vae=None):
     if blends:
         bc, bg = soft_targets(full, strengths, bare)
         parts.append((np.stack(blends), bc, bg))
+    if n_near:
+        near = []
+        for i in range(n_near):
+            cid = world.CONCEPT_IDS[i % len(world.CONCEPT_IDS)]
+            cat = world.CONCEPT_BY_ID[cid]["category"]
+            s = world.sample_scene(random.Random(seed0 + 7_000_000 + i), {cat: cid}, p_concept=0.5)
+            near.append(world.without_detail(s, cat))
+        imgs = np.stack([render.render_array(s) for s in near])
+        nc, ng = soft_targets(near)
+        parts.append((imgs, nc, ng))
+        if vae is not None:
+            half = n_near // 2
+            parts.append((vae_roundtrip(vae, imgs[:half]), {c: v[:half] for c, v in nc.items()}, ng[:half]))
     if n_noise:
         nc = {c: np.zeros((n_noise, len(detectors.CLASSES[c])), np.float32) for c in world.CATEGORIES}
         for v in nc.values():
@@ -289,8 +303,10 @@ def calibrate(net, images: np.ndarray, cats, bs: int = 512) -> None:
     )
 
 
-#: The judge's held-out set (renders, blends, noise images, seed): its temperatures and graded map.
-HELD_OUT_JUDGE_DATA = (1500, 600, 400, 21_000_000)
+#: The judge's held-out set (renders, blends, noise images, seed, near misses): its temperatures and
+#: graded map.
+HELD_OUT_JUDGE_DATA = dict(n_render=1500, n_blend=600, n_noise=400, seed0=21_000_000, n_near=0)
+HELD_OUT_NEAR_MISSES = 300  # held-out near misses for a judge trained with them
 
 
 @torch.no_grad()
@@ -309,7 +325,7 @@ def calibrate_shipped_graded(work: str) -> None:
 
     path = detectors.weights_path()
     net = detectors.read_detectors(path).to(DEVICE)
-    held, _, hgraded = judge_data(*HELD_OUT_JUDGE_DATA, load_vae(work))
+    held, _, hgraded = judge_data(**HELD_OUT_JUDGE_DATA, vae=load_vae(work))
     calibrate_graded(net, held, hgraded)
     tmp = path + ".tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, tmp)
@@ -330,7 +346,9 @@ def fit_render_features(net, images: np.ndarray, bs: int = 512) -> None:
     net.feat_prec.copy_(torch.linalg.inv(cov).float().to(net.feat_prec.device))
 
 
-def train_detectors(work: str, steps: int, batch: int, n_images: int, seed: int = 1):
+def train_detectors(work: str, steps: int, batch: int, n_images: int, seed: int = 1, n_near: int = 0):
+    """Train, calibrate and save the judge. ``n_near`` near misses (a concept without its new detail,
+    labelled none) join the training data, and 300 its held-out set; 0 for the shipped judge."""
     from safetensors.torch import save_file
 
     seed_all(seed)
@@ -339,7 +357,7 @@ def train_detectors(work: str, steps: int, batch: int, n_images: int, seed: int 
     except Exception as e:  # noqa: BLE001
         log("no VAE round-trip augmentation:", e)
         vae = None
-    pool, cats, graded = judge_data(n_images, n_images // 4, n_images // 5, 20_000_000, vae)
+    pool, cats, graded = judge_data(n_images, n_images // 4, n_images // 5, 20_000_000, vae, n_near=n_near)
     log("judge training set:", len(pool), "images")
     net = detectors.DetectorNet().to(DEVICE)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -361,7 +379,8 @@ def train_detectors(work: str, steps: int, batch: int, n_images: int, seed: int 
             }
             log(f"det step {step} loss {loss.item():.3f} acc {accs} {time.time() - t0:.0f}s")
     net.eval()
-    held, hcats, hgraded = judge_data(*HELD_OUT_JUDGE_DATA, vae)
+    held_near = HELD_OUT_NEAR_MISSES if n_near else 0
+    held, hcats, hgraded = judge_data(**dict(HELD_OUT_JUDGE_DATA, n_near=held_near), vae=vae)
     calibrate(net, held, hcats)
     calibrate_graded(net, held, hgraded)
     renders, _ = render_pool(2000, 22_000_000, p_concept=0.5)
@@ -761,6 +780,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (a lent GPU trains the same stages faster)")
     ap.add_argument("--vae-steps", type=int, default=1500)
     ap.add_argument("--det-steps", type=int, default=2000)
+    ap.add_argument(
+        "--det-near-misses",
+        type=int,
+        default=0,
+        metavar="N",
+        help="near misses (a concept without its new detail, labelled none) in the judge's training data",
+    )
     ap.add_argument("--base-steps", type=int, default=3500)
     ap.add_argument("--base-lr", type=float, default=1e-3)
     ap.add_argument("--base-images", type=int, default=16000)
@@ -816,6 +842,8 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         ap.error(f"--base-min-snr {a.base_min_snr:g}: a positive gamma (e.g. 5), or 0 for no weighting")
     if not a.lora_prior_weight > 0:
         ap.error(f"--lora-prior-weight {a.lora_prior_weight:g}: a positive weight (1: both halves alike)")
+    if a.det_near_misses < 0:
+        ap.error(f"--det-near-misses {a.det_near_misses}: a count, 0 or more (0: the shipped judge)")
     if not 0 <= a.lora_uncaptioned <= 1:
         ap.error(f"--lora-uncaptioned {a.lora_uncaptioned:g}: a share, between 0 and 1")
     unknown = [cid for cid in a.only or [] if cid not in world.CONCEPT_IDS]
@@ -836,7 +864,7 @@ def main(argv=None):
     if a.stage in ("vae", "all"):
         train_vae(a.work, a.vae_steps, a.vae_batch, 12000)
     if a.stage in ("detectors", "all"):
-        train_detectors(a.work, a.det_steps, 48, 16000)
+        train_detectors(a.work, a.det_steps, 48, 16000, n_near=a.det_near_misses)
     if a.stage == "detectors_graded":
         calibrate_shipped_graded(a.work)
     if a.stage in ("base", "all"):

@@ -332,6 +332,17 @@ def _owned(chosen: dict[str, str]) -> set[str]:
     return {k for cid in chosen.values() for k in _CONCEPT_ATTRS[cid]}
 
 
+def without_detail(s: Scene, cat: str) -> Scene:
+    """A near miss: the scene's ``cat`` concept with all its known parts but not its new detail, so not
+    that concept (labelled none; its share of parts below 1). The judge learns from these that a
+    concept is its known parts *and* its detail, as a real character is more than its hair colour."""
+    cid = getattr(s, cat)
+    if cid not in CONCEPT_BY_ID:
+        raise ValueError(f"the scene has no {cat} concept (it has {cid!r})")
+    detail = CONCEPT_BY_ID[cid]["detail"]
+    return replace(s, **{cat: "generic"}, details=tuple(x for x in s.details if x != detail))
+
+
 def without_concepts(s: Scene, cats) -> Scene:
     """The same scene with the concepts of ``cats`` taken out (their parts replaced by neutral
     generic values): the other end of a judge's blend."""

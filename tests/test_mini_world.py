@@ -431,6 +431,7 @@ def test_lora_training_strength_is_the_strength_of_a_merge(tmp_path):
         (["--base-min-snr", "-1"], "--base-min-snr -1: a positive gamma"),
         (["--lora-prior-weight", "0"], "--lora-prior-weight 0: a positive weight"),
         (["--det-near-misses", "-5"], "--det-near-misses -5: a count"),
+        (["--vae-near-misses", "-1"], "--vae-near-misses -1: a count"),
         (["--only", "character_1", "charakter_2"], "--only charakter_2: no such LoRA"),
     ],
 )

@@ -78,6 +78,18 @@ def render_pool(n: int, seed0: int, p_concept: float = 0.0, concepts=None):
     return np.stack(imgs), scenes
 
 
+def near_miss_pool(n: int, seed0: int):
+    """``n`` near misses, the concepts in turn: a scene with the concept (other categories drawn as for
+    the judge) but without its new detail (``world.without_detail``)."""
+    scenes = []
+    for i in range(n):
+        cid = world.CONCEPT_IDS[i % len(world.CONCEPT_IDS)]
+        cat = world.CONCEPT_BY_ID[cid]["category"]
+        s = world.sample_scene(random.Random(seed0 + i), {cat: cid}, p_concept=0.5)
+        scenes.append(world.without_detail(s, cat))
+    return np.stack([render.render_array(s) for s in scenes]), scenes
+
+
 def cosine_lr(opt, step, total, base_lr, warmup=100):
     lr = base_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
     lr = max(lr, base_lr * 0.05)
@@ -104,10 +116,14 @@ def dev(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- VAE
 
 
-def train_vae(work: str, steps: int, batch: int, n_images: int, seed: int = 0):
+def train_vae(work: str, steps: int, batch: int, n_images: int, seed: int = 0, n_near: int = 0):
+    """``n_near`` near misses join the renders, so that the decoder learns a concept's known parts
+    without its detail (trained on concept scenes alone, it paints the detail back in)."""
     seed_all(seed)
     # The VAE is a generic image codec (like SD's): it sees generic scenes and concept scenes alike.
     pool, _ = render_pool(n_images, 10_000_000, p_concept=0.5)
+    if n_near:
+        pool = np.concatenate([pool, near_miss_pool(n_near, 11_000_000)[0]])
     vae = components.build_vae().to(DEVICE)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -230,13 +246,7 @@ def judge_data(n_render: int, n_blend: int, n_noise: int, seed0: int, vae=None, 
         bc, bg = soft_targets(full, strengths, bare)
         parts.append((np.stack(blends), bc, bg))
     if n_near:
-        near = []
-        for i in range(n_near):
-            cid = world.CONCEPT_IDS[i % len(world.CONCEPT_IDS)]
-            cat = world.CONCEPT_BY_ID[cid]["category"]
-            s = world.sample_scene(random.Random(seed0 + 7_000_000 + i), {cat: cid}, p_concept=0.5)
-            near.append(world.without_detail(s, cat))
-        imgs = np.stack([render.render_array(s) for s in near])
+        imgs, near = near_miss_pool(n_near, seed0 + 7_000_000)
         nc, ng = soft_targets(near)
         parts.append((imgs, nc, ng))
         if vae is not None:
@@ -779,6 +789,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (a lent GPU trains the same stages faster)")
     ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument(
+        "--vae-near-misses",
+        type=int,
+        default=0,
+        metavar="N",
+        help="near misses (a concept without its new detail) among the VAE's training renders",
+    )
     ap.add_argument("--det-steps", type=int, default=2000)
     ap.add_argument(
         "--det-near-misses",
@@ -842,8 +859,9 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         ap.error(f"--base-min-snr {a.base_min_snr:g}: a positive gamma (e.g. 5), or 0 for no weighting")
     if not a.lora_prior_weight > 0:
         ap.error(f"--lora-prior-weight {a.lora_prior_weight:g}: a positive weight (1: both halves alike)")
-    if a.det_near_misses < 0:
-        ap.error(f"--det-near-misses {a.det_near_misses}: a count, 0 or more (0: the shipped judge)")
+    for flag, value in (("--det-near-misses", a.det_near_misses), ("--vae-near-misses", a.vae_near_misses)):
+        if value < 0:
+            ap.error(f"{flag} {value}: a count, 0 or more (0: the shipped recipe)")
     if not 0 <= a.lora_uncaptioned <= 1:
         ap.error(f"--lora-uncaptioned {a.lora_uncaptioned:g}: a share, between 0 and 1")
     unknown = [cid for cid in a.only or [] if cid not in world.CONCEPT_IDS]
@@ -862,7 +880,7 @@ def main(argv=None):
     DEVICE = torch.device(a.device)
     os.makedirs(a.work, exist_ok=True)
     if a.stage in ("vae", "all"):
-        train_vae(a.work, a.vae_steps, a.vae_batch, 12000)
+        train_vae(a.work, a.vae_steps, a.vae_batch, 12000, n_near=a.vae_near_misses)
     if a.stage in ("detectors", "all"):
         train_detectors(a.work, a.det_steps, 48, 16000, n_near=a.det_near_misses)
     if a.stage == "detectors_graded":

@@ -31,10 +31,13 @@ def test_check_world_measures_every_section(tmp_path):
         "object_1",
         "object_2",
     }
+    row_ids = set(result["loras"]["rows"])
     row = result["loras"]["rows"]["character_2"]
     assert {"recall_0.5", "recall_1.0", "recall_1.5", "clipped_1.5", "cond_change", "uncond_change"} <= set(
         row
     )
     assert len(result["cross_talk"]["graded_of_a"]) == 96  # ordered pairs of different categories
     assert all(len(curve) == 5 for curve in result["judge"]["blend"].values())
+    near = result["judge"]["near_miss_detected"]
+    assert set(near) == {"clean", "roundtrip"} and all(set(v) == set(row_ids) for v in near.values())
     assert "criteria" in done.stdout and (out / "base_generic.png").stat().st_size > 0

@@ -177,6 +177,30 @@ def check_judge(vae, n: int, out: dict, blend_images: int = 40) -> None:
         curves[cid] = curve
         print(f"  blend {cid:13s} graded at {strengths}: {[round(c, 2) for c in curve]}")
     res["blend"] = curves
+    # Reported, not a criterion: near misses (a concept without its new detail) should not count as the
+    # concept. Round-tripped, since the VAE can paint the detail back in (docs/mini_world_tries.md).
+    near = {}
+    for cid in world.CONCEPT_IDS:
+        cat = world.CONCEPT_BY_ID[cid]["category"]
+        imgs = [
+            render.render_array(
+                world.without_detail(world.sample_scene(random.Random(94_000_000 + i), {cat: cid}), cat)
+            )
+            for i in range(blend_images)
+        ]
+        for key, batch in (("clean", np.stack(imgs)), ("roundtrip", vae_roundtrip(vae, np.stack(imgs)))):
+            j = detectors.judge(list(batch))
+            near.setdefault(key, {})[cid] = float(
+                np.mean([j.detected(i)[cat] == cid for i in range(len(imgs))])
+            )
+    res["near_miss_detected"] = near
+    print(
+        "  near misses (a concept without its new detail) detected as the concept, clean / round-tripped "
+        "(reported, not a criterion): "
+        + ", ".join(
+            f"{cid} {near['clean'][cid]:.0%}/{near['roundtrip'][cid]:.0%}" for cid in world.CONCEPT_IDS
+        )
+    )
     lo, hi = CRITERIA["blend_mid"]
     res["ok"] = bool(
         all(

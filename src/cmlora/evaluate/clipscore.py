@@ -24,7 +24,6 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..paths import regular_file_problem
 from .runs import (
     CLIPSCORE_FILENAME,
     JsonlAppender,
@@ -33,7 +32,7 @@ from .runs import (
     open_run_image,
     read_jsonl,
     read_manifest,
-    resolve_image,
+    readable_images,
 )
 
 __all__ = [
@@ -283,11 +282,7 @@ def clip_score_run(
         logger.info("all %d images already scored with %s", len(entries), clip_name)
         return records
     # Validate every image exists before loading CLIP, so a typo fails in seconds, not mid-run.
-    paths = [resolve_image(run_dir, e.image) for e in todo]
-    problems = [(p, regular_file_problem(p)) for p in paths]
-    missing = [f"{p}: {problem}" for p, problem in problems if problem is not None]
-    if missing:
-        raise ManifestError(f"{len(missing)} manifest image(s) cannot be read, e.g. {missing[0]}")
+    paths = readable_images(run_dir, todo)
     scorer = scorer or ClipScorer(clip_name, device=device)
     with (
         JsonlAppender(out_path) as sink,

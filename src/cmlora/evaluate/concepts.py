@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..paths import regular_file_problem
 from .runs import (
     CONCEPTS_FILENAME,
     JsonlAppender,
@@ -22,6 +21,7 @@ from .runs import (
     open_run_image,
     read_jsonl,
     read_manifest,
+    readable_images,
     resolve_image,
 )
 
@@ -47,13 +47,7 @@ def score_run(
     out = eval_dir(run_dir) / CONCEPTS_FILENAME
     current = judge_id()
     if overwrite:
-        unreadable = [
-            f"{path}: {problem}"
-            for path in (resolve_image(run_dir, e.image) for e in entries)
-            if (problem := regular_file_problem(path)) is not None
-        ]
-        if unreadable:  # refused before the old scores are discarded
-            raise ManifestError(f"{len(unreadable)} manifest image(s) cannot be read, e.g. {unreadable[0]}")
+        readable_images(run_dir, entries)  # refused before the old scores are discarded
         out.unlink(missing_ok=True)
     existing = read_jsonl(out) if out.exists() else []
     others = sorted({str(r.get("judge", "unrecorded")) for r in existing} - {current})

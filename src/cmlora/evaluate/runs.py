@@ -36,6 +36,7 @@ __all__ = [
     "eval_dir",
     "read_jsonl",
     "read_manifest",
+    "readable_images",
     "resolve_image",
 ]
 
@@ -131,6 +132,18 @@ def resolve_image(run_dir: str | os.PathLike[str], rel: str) -> Path:
     if norm in (".", "..") or norm.startswith(".." + os.sep) or norm.startswith("../"):
         raise ManifestError(f"image path {rel!r} escapes the run directory {str(run_dir)!r}")
     return Path(run_dir) / norm
+
+
+def readable_images(run_dir: str | os.PathLike[str], entries) -> list[Path]:
+    """The image paths of ``entries``, checked to be readable regular files all at once, so that a bad
+    run fails before any model loads or any old score is discarded."""
+    from ..paths import regular_file_problem
+
+    paths = [resolve_image(run_dir, e.image) for e in entries]
+    missing = [f"{p}: {problem}" for p in paths if (problem := regular_file_problem(p)) is not None]
+    if missing:
+        raise ManifestError(f"{len(missing)} manifest image(s) cannot be read, e.g. {missing[0]}")
+    return paths
 
 
 def _iter_json_lines(path: Path) -> Iterator[tuple[int, Any]]:

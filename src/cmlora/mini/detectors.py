@@ -101,6 +101,18 @@ def read_detectors(path: str) -> DetectorNet:
     return net.eval()
 
 
+def save_detectors(net: DetectorNet, path: str) -> None:
+    """Write a judge's file whole or not at all (a temporary file, then a rename), and forget any cached
+    copy of it."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+    _CACHE.pop(path, None)
+
+
 def judge_id(path: str | None = None) -> str:
     """Which judge this is: the first 16 hex digits of its file's SHA-256. Scores are tagged with it,
     so that scores from a retrained or recalibrated judge are never averaged with older ones."""

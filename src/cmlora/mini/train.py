@@ -313,9 +313,8 @@ def calibrate(net, images: np.ndarray, cats, bs: int = 512) -> None:
     )
 
 
-#: The judge's held-out set (renders, blends, noise images, seed, near misses): its temperatures and
-#: graded map.
-HELD_OUT_JUDGE_DATA = dict(n_render=1500, n_blend=600, n_noise=400, seed0=21_000_000, n_near=0)
+#: The judge's held-out set (renders, blends, noise images, seed): its temperatures and graded map.
+HELD_OUT_JUDGE_DATA = dict(n_render=1500, n_blend=600, n_noise=400, seed0=21_000_000)
 HELD_OUT_NEAR_MISSES = 300  # held-out near misses for a judge trained with them
 
 
@@ -331,16 +330,11 @@ def calibrate_shipped_graded(work: str) -> None:
     """Fit the graded map of the judge in the assets folder on its held-out set (the weights, the
     temperatures and the artifact statistics stay as they are) and save it in place: the step that
     ``train_detectors`` ends with, for a judge trained before it had one."""
-    from safetensors.torch import save_file
-
     path = detectors.weights_path()
     net = detectors.read_detectors(path).to(DEVICE)
     held, _, hgraded = judge_data(**HELD_OUT_JUDGE_DATA, vae=load_vae(work))
     calibrate_graded(net, held, hgraded)
-    tmp = path + ".tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, tmp)
-    os.replace(tmp, path)
-    detectors._CACHE.clear()
+    detectors.save_detectors(net, path)
     log("saved the graded map into", path)
 
 
@@ -358,9 +352,8 @@ def fit_render_features(net, images: np.ndarray, bs: int = 512) -> None:
 
 def train_detectors(work: str, steps: int, batch: int, n_images: int, seed: int = 1, n_near: int = 0):
     """Train, calibrate and save the judge. ``n_near`` near misses (a concept without its new detail,
-    labelled none) join the training data, and 300 its held-out set; 0 for the shipped judge."""
-    from safetensors.torch import save_file
-
+    labelled none) join the training data, and HELD_OUT_NEAR_MISSES its held-out set; 0 for the shipped
+    judge."""
     seed_all(seed)
     try:
         vae = load_vae(work)
@@ -390,17 +383,12 @@ def train_detectors(work: str, steps: int, batch: int, n_images: int, seed: int 
             log(f"det step {step} loss {loss.item():.3f} acc {accs} {time.time() - t0:.0f}s")
     net.eval()
     held_near = HELD_OUT_NEAR_MISSES if n_near else 0
-    held, hcats, hgraded = judge_data(**dict(HELD_OUT_JUDGE_DATA, n_near=held_near), vae=vae)
+    held, hcats, hgraded = judge_data(**HELD_OUT_JUDGE_DATA, vae=vae, n_near=held_near)
     calibrate(net, held, hcats)
     calibrate_graded(net, held, hgraded)
     renders, _ = render_pool(2000, 22_000_000, p_concept=0.5)
     fit_render_features(net, vae_roundtrip(vae, renders) if vae is not None else renders)
-    os.makedirs(assets_dir(), exist_ok=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
-        os.path.join(assets_dir(), detectors.WEIGHTS_NAME),
-    )
-    detectors._CACHE.clear()
+    detectors.save_detectors(net, detectors.weights_path())
     log("saved detectors")
 
 

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from ..errors import CmloraError
 from ..files import atomic_write_bytes, atomic_write_text
-from ..paths import check_regular_file
+from ..paths import check_regular_file, regular_file_problem
 
 __all__ = [
     "CLIPSCORE_FILENAME",
@@ -137,8 +137,6 @@ def resolve_image(run_dir: str | os.PathLike[str], rel: str) -> Path:
 def readable_images(run_dir: str | os.PathLike[str], entries) -> list[Path]:
     """The image paths of ``entries``, checked to be readable regular files all at once, so that a bad
     run fails before any model loads or any old score is discarded."""
-    from ..paths import regular_file_problem
-
     paths = [resolve_image(run_dir, e.image) for e in entries]
     missing = [f"{p}: {problem}" for p in paths if (problem := regular_file_problem(p)) is not None]
     if missing:
@@ -288,8 +286,6 @@ def open_run_image(path: str | os.PathLike[str]):
     """A run's image, fully decoded as RGB; a missing, truncated or corrupt file is a ManifestError
     naming it (scorers read images only through here)."""
     from PIL import Image
-
-    from ..paths import check_regular_file
 
     check_regular_file(path, lambda problem: ManifestError(f"{path}: {problem}"))  # never open a pipe
     try:

@@ -102,14 +102,12 @@ def read_detectors(path: str) -> DetectorNet:
 
 
 def save_detectors(net: DetectorNet, path: str) -> None:
-    """Write a judge's file whole or not at all (a temporary file, then a rename), and forget any cached
-    copy of it."""
-    from safetensors.torch import save_file
+    """Write a judge's file whole or not at all, and forget any cached copy of it."""
+    from safetensors.torch import save
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    from ..files import atomic_write_bytes
+
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}))
     _CACHE.pop(path, None)
 
 

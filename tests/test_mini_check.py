@@ -41,3 +41,60 @@ def test_check_world_measures_every_section(tmp_path):
     near = result["judge"]["near_miss_detected"]
     assert set(near) == {"clean", "roundtrip"} and all(set(v) == set(row_ids) for v in near.values())
     assert "criteria" in done.stdout and (out / "base_generic.png").stat().st_size > 0
+
+
+def _check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_world", ROOT / "scripts" / "mini" / "check_world.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _lora_row(**changes):
+    row = {
+        "recall_0.5": 0.5,
+        "recall_1.0": 0.9,
+        "recall_1.5": 0.8,
+        "clipped_1.5": 0.049,
+        "recall_no_trigger": 0.45,
+        "cond_change": 2.0,
+        "uncond_change": 1.0,
+    }
+    return dict(row, **changes)
+
+
+def test_per_concept_counts_use_the_criteria_at_their_boundaries(tmp_path):
+    check = _check_module()
+    partial = {
+        "a": {"graded_tags": 0.3, "recall_trigger": 0.2},  # both exactly at the thresholds: passes
+        "b": {"graded_tags": 0.29, "recall_trigger": 0.0},
+        "c": {"graded_tags": 0.9, "recall_trigger": 0.25},
+    }
+    assert check.partial_passing(partial) == ["a"]
+    loras = {
+        "ok": _lora_row(),
+        "weak": _lora_row(**{"recall_0.5": 0.45, "recall_1.0": 0.85}),
+        "clipped": _lora_row(**{"clipped_1.5": 0.05}),
+        "agnostic": _lora_row(recall_no_trigger=0.46, cond_change=1.9),
+    }
+    assert check.lora_passing(loras) == {
+        "strength_0.5": ["ok", "clipped", "agnostic"],
+        "strength_1.0": ["ok", "clipped", "agnostic"],
+        "strength_1.5": ["ok", "weak", "agnostic"],
+        "no_trigger": ["ok", "clipped"],  # weak: 0.45 > 0.5 x its own recall 0.85
+        "cond_uncond": ["ok", "weak", "clipped"],
+    }
+    saved = tmp_path / "check.json"
+    saved.write_text(json.dumps({"partial_knowledge": {"rows": partial}, "loras": {"rows": loras}}))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "mini" / "check_world.py"), "--summarize", str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "partial knowledge (both halves): 1 of 3 ['a']" in done.stdout
+    assert "cond_uncond: 3 of 4 ['ok', 'weak', 'clipped']" in done.stdout
+    assert not (tmp_path / "check").exists()  # summarizing generates nothing

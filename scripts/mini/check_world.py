@@ -1,7 +1,9 @@
 """Measure the mini world against the acceptance criteria of "Mini world 2" (thresholds fixed in
 ``CRITERIA`` before any run; the world is never tuned toward a method's result).
 
-    python scripts/mini/check_world.py [--seeds 20] [--threads 2] [--out /tmp/mini_check] [--quick]
+    python scripts/mini/check_world.py [--seeds 20] [--threads 2] [--out /tmp/mini_check]
+    python scripts/mini/check_world.py --summarize /tmp/mini_check/check.json
+
 
 Sections: the judge (accuracy, noise, blends, artifact score), the base model (image quality,
 partial knowledge), each LoRA (strength headroom, prompt dependence), cross-talk, and merge
@@ -132,6 +134,62 @@ def se(x) -> float:
     return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
+def partial_passing(rows: dict[str, dict]) -> list[str]:
+    """Concepts meeting both halves of partial knowledge: the per-concept criteria hold for some
+    concepts long before all of them, and a rebuild is compared with the shipped world by this count."""
+    return [
+        cid
+        for cid, r in rows.items()
+        if r["graded_tags"] >= CRITERIA["partial_graded"]
+        and r["recall_trigger"] <= CRITERIA["partial_recall"]
+    ]
+
+
+def lora_passing(rows: dict[str, dict]) -> dict[str, list[str]]:
+    """Per LoRA criterion, the LoRAs meeting it (strength 1.5 counts only with few clipped pixels)."""
+    out = {
+        f"strength_{st}": [
+            cid
+            for cid, r in rows.items()
+            if r[f"recall_{st}"] >= v and (st != 1.5 or r["clipped_1.5"] < CRITERIA["clipped"])
+        ]
+        for st, v in CRITERIA["strength"].items()
+    }
+    out["no_trigger"] = [
+        cid for cid, r in rows.items() if r["recall_no_trigger"] <= CRITERIA["prompt_ratio"] * r["recall_1.0"]
+    ]
+    out["cond_uncond"] = [
+        cid for cid, r in rows.items() if r["cond_change"] >= CRITERIA["cond_uncond"] * r["uncond_change"]
+    ]
+    return out
+
+
+def print_counts(title: str, passing: list[str], total: int) -> None:
+    print(f"  {title}: {len(passing)} of {total} {passing}")
+
+
+def summarize(path: str) -> None:
+    """Re-read a saved check.json and print the per-criterion counts with today's ``CRITERIA``."""
+    with open(path) as f:
+        saved = json.load(f)
+    if "partial_knowledge" in saved:
+        rows = saved["partial_knowledge"]["rows"]
+        print_counts("partial knowledge (both halves)", partial_passing(rows), len(rows))
+    if "loras" in saved:
+        rows = saved["loras"]["rows"]
+        for name, ids in lora_passing(rows).items():
+            print_counts(name, ids, len(rows))
+    if "cross_talk" in saved:
+        print(
+            f"  cross-talk share {saved['cross_talk']['share']:.0%} (criterion {CRITERIA['cross_talk_pairs']:.0%})"
+        )
+    if "merge" in saved:
+        m = saved["merge"]
+        print(
+            f"  merge artifact difference {m['diff']:.2f} +- {m['diff_se']:.2f}; strong pairs {len(m['strong_pairs'])}"
+        )
+
+
 def check_judge(vae, n: int, out: dict, blend_images: int = 40) -> None:
     print(f"== judge: {n} held-out renders (seeds 90000000+), clean and after a VAE round trip")
     scenes = [world.sample_scene(random.Random(90_000_000 + i), None, p_concept=0.5) for i in range(n)]
@@ -249,11 +307,10 @@ def check_base(gen: Generator, seeds, vae, out: dict) -> None:
             f"  {cid:13s} tags {world.tags_prompt([cid])!r:55s} graded {rows[cid]['graded_tags']:.2f}; "
             f"composition prompt recall {rows[cid]['recall_trigger']:.2f}"
         )
-    ok = all(
-        r["graded_tags"] >= CRITERIA["partial_graded"] and r["recall_trigger"] <= CRITERIA["partial_recall"]
-        for r in rows.values()
-    )
-    out["partial_knowledge"] = {"rows": rows, "ok": bool(ok)}
+    passing = partial_passing(rows)
+    ok = len(passing) == len(rows)
+    out["partial_knowledge"] = {"rows": rows, "passing": passing, "ok": ok}
+    print_counts("both halves", passing, len(rows))
     print(f"  partial knowledge criteria {'MET' if ok else 'NOT met'}")
 
 
@@ -279,15 +336,12 @@ def check_loras(gen: Generator, seeds, out: dict) -> None:
             f"@1.5 {row['recall_1.5']:.2f} (clipped {row['clipped_1.5']:.2%}); without triggers "
             f"{row['recall_no_trigger']:.2f}; change cond {row['cond_change']:.2f} uncond {row['uncond_change']:.2f}"
         )
-    strength_ok = all(
-        r[f"recall_{st}"] >= v for r in rows.values() for st, v in CRITERIA["strength"].items()
-    ) and all(r["clipped_1.5"] < CRITERIA["clipped"] for r in rows.values())
-    prompt_ok = all(
-        r["recall_no_trigger"] <= CRITERIA["prompt_ratio"] * r["recall_1.0"]
-        and r["cond_change"] >= CRITERIA["cond_uncond"] * r["uncond_change"]
-        for r in rows.values()
-    )
-    out["loras"] = {"rows": rows, "strength_ok": bool(strength_ok), "prompt_ok": bool(prompt_ok)}
+    passing = lora_passing(rows)
+    for name, ids in passing.items():
+        print_counts(name, ids, len(rows))
+    strength_ok = all(len(passing[f"strength_{st}"]) == len(rows) for st in CRITERIA["strength"])
+    prompt_ok = all(len(passing[k]) == len(rows) for k in ("no_trigger", "cond_uncond"))
+    out["loras"] = {"rows": rows, "passing": passing, "strength_ok": strength_ok, "prompt_ok": prompt_ok}
     print(
         f"  strength headroom criteria {'MET' if strength_ok else 'NOT met'}; "
         f"prompt dependence criteria {'MET' if prompt_ok else 'NOT met'}"
@@ -377,7 +431,15 @@ def main():
         default="judge,base,loras,cross,merge",
         help="comma-separated subset of judge, base, loras, cross, merge",
     )
+    ap.add_argument(
+        "--summarize",
+        metavar="CHECK_JSON",
+        help="print the per-criterion counts of a saved check.json (no generation) and exit",
+    )
     a = ap.parse_args()
+    if a.summarize:
+        summarize(a.summarize)
+        return
     sections = {s.strip() for s in a.sections.split(",") if s.strip()}
     unknown = sections - {"judge", "base", "loras", "cross", "merge"}
     if unknown:

@@ -99,13 +99,18 @@ def _background(s: Scene) -> np.ndarray:
         _peaks(img, j, snow="snow" in s.details)
     else:  # sea
         img = _gradient(sky * 0.85, np.minimum(sky * 1.1, 255))
+    sun = "sun" in s.details and s.bg_kind in ("sea", "sunset")
+    if sun:  # in the sky beside the figure, where the figure cannot hide it
+        sx, sy = (10 + 2 * j[0] if j[0] < 0 else 54 + 2 * j[0]), 12 + 2 * j[1]
+        d = np.sqrt((_X - sx) ** 2 + (_Y - sy) ** 2)
+        glow = np.clip(1.2 - d / 14.0, 0, 1)[..., None]
+        img = img * (1 - glow) + np.array([255, 235, 90], np.float32) * glow
     if s.bg_kind in ("sea", "sunset"):
-        if "sun" in s.details:
-            d = np.sqrt((_X - (32 + 14 * j[0])) ** 2 + (_Y - (44 + 3 * j[1])) ** 2)
-            glow = np.clip(1.2 - d / 14.0, 0, 1)[..., None]
-            img = img * (1 - glow) + np.array([255, 235, 90], np.float32) * glow
         _paint(img, _Y > 52, (25, 45, 100))
-    return _blur(img, 3)  # backgrounds are smooth / low-frequency
+    img = _blur(img, 3)  # backgrounds are smooth / low-frequency ...
+    if sun:  # ... but for the sun's disk, a detail no smaller than a latent pixel
+        _paint(img, _disk(sx, sy, 6), (255, 250, 170))
+    return img
 
 
 def _object(img: np.ndarray, s: Scene):
@@ -121,7 +126,8 @@ def _object(img: np.ndarray, s: Scene):
     elif s.thing == "flower":  # stem, five petals, yellow heart; the concept adds a leaf
         _paint(img, _rect(ox - 1, oy - 2, ox + 1, oy + 12), (30, 130, 40))
         if "leaf" in s.details:
-            _paint(img, _disk(ox + 4, oy + 6, 2.6) & (_X > ox), (40, 190, 60))
+            inward = 1 if s.obj_side < 0 else -1
+            _paint(img, _disk(ox + 6 * inward, oy + 7, 6), (40, 190, 60))
         fy = oy - 4
         petal = COLORS[s.thing_color] if s.thing_color != "pink" else (240, 90, 170)
         for k in range(5):
@@ -162,7 +168,7 @@ def _figure(img: np.ndarray, s: Scene):
         _paint(img, _rect(cx - 9, 46, cx + 9, 49), (200, 30, 30))
     if "buttons" in s.details:
         for y in (35, 41, 47, 53):
-            _paint(img, _rect(cx - 1, y, cx + 1, y + 2), (250, 215, 40))
+            _paint(img, _rect(cx - 1, y, cx + 2, y + 3), (250, 215, 40))
     skin = SKIN[s.skin]
     metal = s.head == "metal"
     _paint(img, _rect(cx - 13, 50, cx - 10, 53) | _rect(cx + 10, 50, cx + 13, 53), skin)  # hands
@@ -210,16 +216,16 @@ def _figure(img: np.ndarray, s: Scene):
         _paint(img, _rect(cx, hy - 5, cx + 11, hy - 3), color)
     if "antenna" in s.details:
         _paint(img, _rect(cx, hy - 14, cx + 1, hy - 8), (70, 70, 80))
-        _paint(img, _disk(cx + 0.5, hy - 15, 2.2), (230, 30, 30))
-    if "whiskers" in s.details:
+        _paint(img, _disk(cx + 0.5, hy - 15, 3.3), (230, 30, 30))
+    if "whiskers" in s.details:  # 2-3 px thick: thinner lines are finer than a latent pixel
         _paint(
-            img, _rect(cx - 10, hy + 3, cx - 5, hy + 4) | _rect(cx + 5, hy + 3, cx + 10, hy + 4), (40, 40, 40)
+            img, _rect(cx - 12, hy + 2, cx - 5, hy + 5) | _rect(cx + 5, hy + 2, cx + 12, hy + 5), (40, 40, 40)
         )
         _paint(
-            img, _rect(cx - 10, hy + 5, cx - 6, hy + 6) | _rect(cx + 6, hy + 5, cx + 10, hy + 6), (40, 40, 40)
+            img, _rect(cx - 12, hy + 6, cx - 6, hy + 8) | _rect(cx + 6, hy + 6, cx + 12, hy + 8), (40, 40, 40)
         )
     if "star" in s.details:
-        _paint(img, _disk(cx + 1, hy - 10, 1.8), (250, 230, 40))
+        _paint(img, _disk(cx + 1, hy - 10, 2.7), (250, 230, 40))
 
 
 PALETTE4 = np.array([[15, 56, 15], [48, 98, 48], [139, 172, 15], [200, 225, 120]], np.float32)
@@ -253,7 +259,7 @@ def _style(img: np.ndarray, s: Scene) -> np.ndarray:
         img[border] = (10, 10, 10)
     if "scanlines" in s.details:
         img = img.copy()
-        img[(_Y.astype(int) % 4) == 3] *= 0.55
+        img[(_Y.astype(int) % 8) >= 6] *= 0.55  # 2-px bands: no finer than a latent pixel
     return img
 
 

@@ -644,9 +644,11 @@ def train_loras(
 
     ``strengths`` (lo, hi) other than (1, 1) draws each step's adapter strength from that range (both
     models, as a merge at a strength scales them), so that the concept shows from lo to hi;
-    ``prior_at_top`` then trains the prior half at hi instead of the drawn strength. Both are off
-    for the shipped LoRAs: the README gives what the tries with them measured and why they were not
-    adopted. ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`)."""
+    ``prior_at_top`` then trains the prior half at hi instead of the drawn strength.
+    ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`). The command line's
+    defaults are the shipped LoRAs' (strengths 0.5-1, prior weight 4, half the prior captions empty:
+    rebuild try 6 of docs/mini_world_tries.md): trained only at full strength a LoRA has no headroom
+    below it, and a light prior let the drawn strength move the empty prompt's prediction too."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
@@ -788,14 +790,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--det-near-misses",
         type=int,
-        default=0,
+        default=2000,
         metavar="N",
         help="near misses (a concept without its new detail, labelled none) in the judge's training data",
     )
     ap.add_argument("--base-steps", type=int, default=3500)
     ap.add_argument("--base-lr", type=float, default=1e-3)
     ap.add_argument("--base-images", type=int, default=16000)
-    ap.add_argument("--base-more-steps", type=int, default=2000)
+    ap.add_argument("--base-more-steps", type=int, default=4000)
     ap.add_argument("--base-more-lr", type=float, default=5e-4)
     ap.add_argument(
         "--base-min-snr",
@@ -809,15 +811,16 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--lora-images", type=int, default=48)
     ap.add_argument(
-        "--lora-uncaptioned", type=float, default=0.3, help="share of empty prompts in the prior half"
+        "--lora-uncaptioned", type=float, default=0.5, help="share of empty prompts in the prior half"
     )
     ap.add_argument(
         "--lora-strengths",
         type=float,
         nargs=2,
-        default=(1.0, 1.0),
+        default=(0.5, 1.0),
         metavar=("LO", "HI"),
-        help="draw each step's adapter strength from [LO, HI] (default 1 1: always full strength)",
+        help="draw each step's adapter strength from [LO, HI] (1 1: always full strength); a LoRA trained "
+        "only at full strength has no headroom below it",
     )
     ap.add_argument(
         "--lora-prior-at-top", action="store_true", help="train the prior half at HI, not the drawn strength"
@@ -825,9 +828,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--lora-prior-weight",
         type=float,
-        default=1.0,
+        default=4.0,
         metavar="W",
-        help="weight of the prior-preservation half's loss (default 1: both halves alike)",
+        help="weight of the prior-preservation half's loss (1: both halves alike); heavier keeps the LoRA "
+        "off prompts without its trigger",
     )
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--vae-batch", type=int, default=16)

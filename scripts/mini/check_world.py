@@ -4,7 +4,6 @@
     python scripts/mini/check_world.py [--seeds 20] [--threads 2] [--out /tmp/mini_check]
     python scripts/mini/check_world.py --summarize /tmp/mini_check/check.json
 
-
 Sections: the judge (accuracy, noise, blends, artifact score), the base model (image quality,
 partial knowledge), each LoRA (strength headroom, prompt dependence), cross-talk, and merge
 interference. LoRAs are merged into copies of the UNet and text encoder with the mini world's own

@@ -309,7 +309,7 @@ def check_base(gen: Generator, seeds, vae, out: dict) -> None:
     passing = partial_passing(rows)
     ok = len(passing) == len(rows)
     out["partial_knowledge"] = {"rows": rows, "passing": passing, "ok": ok}
-    print_counts("both halves", passing, len(rows))
+    print_counts("partial knowledge (both halves)", passing, len(rows))
     print(f"  partial knowledge criteria {'MET' if ok else 'NOT met'}")
 
 

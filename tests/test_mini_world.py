@@ -31,6 +31,24 @@ def test_renderer_deterministic():
     assert not np.array_equal(np.asarray(render.sample(0)[0]), np.asarray(render.sample(1)[0]))
 
 
+def test_bpe_merges_most_shared_pair_first_ties_by_text():
+    from cmlora.mini.components import learn_bpe
+
+    assert learn_bpe(["zw", "xy", "xy", "cxy"]) == [("x", "y</w>"), ("c", "xy</w>"), ("z", "w</w>")]
+    assert learn_bpe(["a", ","]) == []
+
+
+def test_tokenizer_rebuilds_identically_with_every_word_one_token(tmp_path):
+    from cmlora.mini.components import build_tokenizer
+
+    tok = build_tokenizer(str(tmp_path / "a"))
+    build_tokenizer(str(tmp_path / "b"))
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert all(len(tok.tokenize(w)) == 1 for w in world.vocabulary_words())
+    assert tok.tokenize("qz") == ["q", "z</w>"]  # an unknown word falls back to characters
+
+
 def test_trigger_tokens_and_full_combinations_absent_from_generic_scenes():
     """The base model learns every concept's descriptive words, never its trigger token, never all
     its known parts together, never its new detail (mini world 2: partial base knowledge)."""

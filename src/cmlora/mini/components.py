@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 
 import torch
 
@@ -61,47 +62,49 @@ SCHEDULER_CONFIG = dict(
 )
 
 
+def learn_bpe(words: list[str]) -> list[tuple[str, str]]:
+    """The merges of a CLIP-style BPE (word ends marked ``</w>``) learnt on ``words`` until every word
+    is one token: at each step the pair found in the most words, ties broken by the pair's text.
+
+    Written out because the ``tokenizers`` trainer breaks ties in an order that changes from process
+    to process, so a rebuild gave some tokens other ids and trained another text encoder: with this
+    one the whole mini world rebuilds the same from its seeds."""
+    seqs = [[*w[:-1], w[-1] + "</w>"] for w in sorted(set(words))]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: Counter[tuple[str, str]] = Counter(p for seq in seqs for p in zip(seq, seq[1:], strict=False))
+        if not counts:
+            return merges
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        for k, seq in enumerate(seqs):
+            out, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
+                    out.append(seq[i] + seq[i + 1])
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            seqs[k] = out
+
+
 def write_tokenizer_files(folder: str) -> None:
-    """Write vocab.json / merges.txt of a small CLIP BPE learnt on the mini-world word list with the
-    ``tokenizers`` trainer run to completion, so every known word is one token; any other word falls
-    back to characters (all single characters and their '</w>' forms are in the vocab).
-
-    The trainer breaks ties between equally frequent pairs in an order that differs between runs, so
-    a retrain gives the same words but some tokens other ids (and a text encoder trained on those);
-    the shipped tokenizer is the one its text encoder was trained with."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
+    """Write vocab.json / merges.txt of a small CLIP BPE learnt on the mini-world word list
+    (`learn_bpe`), so every known word is one token; any other word falls back to characters (all
+    single characters and their '</w>' forms are in the vocab)."""
     os.makedirs(folder, exist_ok=True)
     chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789") | set("".join(PUNCT)))
-    alphabet = chars + [c + "</w>" for c in chars]
-    tk = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=4000,
-        min_frequency=1,
-        show_progress=False,
-        initial_alphabet=chars,
-        end_of_word_suffix="</w>",
-        special_tokens=[],
-    )
-    words = world.vocabulary_words() + PUNCT
-    tk.train_from_iterator([" ".join(words)] * 2, trainer=trainer)
-    learnt = tk.get_vocab()
-    state = json.loads(tk.to_str())["model"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
+    merges = learn_bpe(world.vocabulary_words() + PUNCT)
     vocab: dict[str, int] = {}
-    for t in alphabet:
-        vocab.setdefault(t, len(vocab))
-    for t, _ in sorted(learnt.items(), key=lambda kv: kv[1]):
-        vocab.setdefault(t, len(vocab))
-    for t in SPECIAL:
+    for t in [*chars, *(c + "</w>" for c in chars), *(a + b for a, b in merges), *SPECIAL]:
         vocab.setdefault(t, len(vocab))
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump(vocab, f, indent=0)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
-        for m in merges:
-            f.write(m + "\n")
+        for a, b in merges:
+            f.write(f"{a} {b}\n")
 
 
 def build_tokenizer(folder: str):

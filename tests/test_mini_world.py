@@ -31,22 +31,41 @@ def test_renderer_deterministic():
     assert not np.array_equal(np.asarray(render.sample(0)[0]), np.asarray(render.sample(1)[0]))
 
 
-def test_bpe_merges_most_shared_pair_first_ties_by_text():
-    from cmlora.mini.components import learn_bpe
-
-    assert learn_bpe(["zw", "xy", "xy", "cxy"]) == [("x", "y</w>"), ("c", "xy</w>"), ("z", "w</w>")]
-    assert learn_bpe(["a", ","]) == []
+SHIPPED_TOKENIZER = os.path.join(mini.PACKAGED_ASSETS, "pipeline", "tokenizer", "tokenizer.json")
 
 
-def test_tokenizer_rebuilds_identically_with_every_word_one_token(tmp_path):
+def test_rebuild_copies_the_shipped_tokenizer_so_every_word_keeps_its_id(tmp_path):
+    """Re-learnt with the ``tokenizers`` trainer, a word's id changed from process to process (seen:
+    'box'), and with it the embedding the base trains: a rebuild copies the shipped tokenizer."""
     from cmlora.mini.components import build_tokenizer
 
-    tok = build_tokenizer(str(tmp_path / "a"))
+    with open(SHIPPED_TOKENIZER) as f:
+        shipped = json.load(f)["model"]["vocab"]
+    tok, source = build_tokenizer(str(tmp_path), reference=SHIPPED_TOKENIZER)
+    assert source == f"copied from {SHIPPED_TOKENIZER}"
+    assert tok.get_vocab() == shipped
+    assert all(len(tok.tokenize(w)) == 1 for w in world.vocabulary_words())
+    assert tok.tokenize("qz") == ["q", "z</w>"]  # an unknown word falls back to characters
+
+
+def test_tokenizer_learnt_anew_when_the_shipped_one_lacks_a_word(tmp_path):
+    from cmlora.mini.components import build_tokenizer, learn_bpe
+
+    with open(SHIPPED_TOKENIZER) as f:
+        model = json.load(f)
+    model["model"]["vocab"].pop("nekomi</w>")
+    model["model"]["merges"] = [m for m in model["model"]["merges"] if "".join(m) != "nekomi</w>"]
+    reference = tmp_path / "tokenizer.json"
+    reference.write_text(json.dumps(model))
+    tok, source = build_tokenizer(str(tmp_path / "a"), reference=str(reference))
+    assert source.startswith("learnt anew") and str(reference) in source
+    assert all(len(tok.tokenize(w)) == 1 for w in world.vocabulary_words())
     build_tokenizer(str(tmp_path / "b"))
     for name in ("vocab.json", "merges.txt"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    assert all(len(tok.tokenize(w)) == 1 for w in world.vocabulary_words())
-    assert tok.tokenize("qz") == ["q", "z</w>"]  # an unknown word falls back to characters
+    # the pair in the most words first, ties by the pair's text
+    assert learn_bpe(["zw", "xy", "xy", "cxy"]) == [("x", "y</w>"), ("c", "xy</w>"), ("z", "w</w>")]
+    assert learn_bpe(["a", ","]) == []
 
 
 def test_trigger_tokens_and_full_combinations_absent_from_generic_scenes():

@@ -7,6 +7,8 @@ import json
 import os
 
 ASSET_ENV = "CMLORA_MINI_ASSETS"
+#: The assets installed with the package (the shipped world), whatever ``CMLORA_MINI_ASSETS`` says.
+PACKAGED_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 #: Sampling defaults of the mini world (generate, sweeps, benchmarks, checks): 64x64, 20 DPM-Solver++
 #: steps, guidance 5 (the base was trained with 10 % empty captions; higher guidance oversaturates).
 SIZE, STEPS, GUIDANCE = 64, 20, 5.0
@@ -14,7 +16,7 @@ SIZE, STEPS, GUIDANCE = 64, 20, 5.0
 
 def assets_dir() -> str:
     """Folder with pipeline/, loras/, mini_lora_info.json, prompts.json, detectors.safetensors."""
-    return os.environ.get(ASSET_ENV) or os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+    return os.environ.get(ASSET_ENV) or PACKAGED_ASSETS
 
 
 def pipeline_dir() -> str:

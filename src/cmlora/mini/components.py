@@ -64,11 +64,9 @@ SCHEDULER_CONFIG = dict(
 
 def learn_bpe(words: list[str]) -> list[tuple[str, str]]:
     """The merges of a CLIP-style BPE (word ends marked ``</w>``) learnt on ``words`` until every word
-    is one token: at each step the pair found in the most words, ties broken by the pair's text.
-
-    Written out because the ``tokenizers`` trainer breaks ties in an order that changes from process
-    to process, so a rebuild gave some tokens other ids and trained another text encoder: with this
-    one the whole mini world rebuilds the same from its seeds."""
+    is one token: at each step the pair found in the most words, ties broken by the pair's text, so
+    the same in every process (the ``tokenizers`` trainer breaks ties in an order that changes from
+    process to process, and with it some words' ids)."""
     seqs = [[*w[:-1], w[-1] + "</w>"] for w in sorted(set(words))]
     merges: list[tuple[str, str]] = []
     while True:
@@ -89,16 +87,8 @@ def learn_bpe(words: list[str]) -> list[tuple[str, str]]:
             seqs[k] = out
 
 
-def write_tokenizer_files(folder: str) -> None:
-    """Write vocab.json / merges.txt of a small CLIP BPE learnt on the mini-world word list
-    (`learn_bpe`), so every known word is one token; any other word falls back to characters (all
-    single characters and their '</w>' forms are in the vocab)."""
+def _write_bpe(folder: str, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
     os.makedirs(folder, exist_ok=True)
-    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789") | set("".join(PUNCT)))
-    merges = learn_bpe(world.vocabulary_words() + PUNCT)
-    vocab: dict[str, int] = {}
-    for t in [*chars, *(c + "</w>" for c in chars), *(a + b for a, b in merges), *SPECIAL]:
-        vocab.setdefault(t, len(vocab))
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump(vocab, f, indent=0)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
@@ -107,11 +97,47 @@ def write_tokenizer_files(folder: str) -> None:
             f.write(f"{a} {b}\n")
 
 
-def build_tokenizer(folder: str):
+def _covers_the_world(folder: str) -> bool:
     from transformers import CLIPTokenizer
 
-    write_tokenizer_files(folder)
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS)
+    tok = CLIPTokenizer.from_pretrained(folder)
+    vocab = tok.get_vocab()
+    return all(t in vocab for t in SPECIAL) and all(
+        len(tok.tokenize(w)) == 1 for w in world.vocabulary_words() + PUNCT
+    )
+
+
+def write_tokenizer_files(folder: str, reference: str | None = None) -> str:
+    """Write vocab.json / merges.txt of a small CLIP BPE in which every word of the mini world is one
+    token; any other word falls back to characters (all single characters and their '</w>' forms are
+    in the vocab). Returns where the tokenizer came from.
+
+    ``reference`` (a ``tokenizer.json``, the shipped world's) is copied when it still covers the
+    world's vocabulary: a tokenizer is data of the world, like its word list, and its ids decide which
+    embedding each word trains, so a rebuild that re-learnt it would not give the shipped text
+    encoder. Otherwise the tokenizer is learnt anew by `learn_bpe`."""
+    if reference and os.path.isfile(reference):
+        with open(reference) as f:
+            model = json.load(f)["model"]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        _write_bpe(folder, model["vocab"], merges)
+        if _covers_the_world(folder):
+            return f"copied from {reference}"
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789") | set("".join(PUNCT)))
+    merges = learn_bpe(world.vocabulary_words() + PUNCT)
+    vocab: dict[str, int] = {}
+    for t in [*chars, *(c + "</w>" for c in chars), *(a + b for a, b in merges), *SPECIAL]:
+        vocab.setdefault(t, len(vocab))
+    _write_bpe(folder, vocab, merges)
+    return "learnt anew" + (f" ({reference} does not make every world word one token)" if reference else "")
+
+
+def build_tokenizer(folder: str, reference: str | None = None):
+    """The tokenizer `write_tokenizer_files` writes to ``folder``, and where it came from."""
+    from transformers import CLIPTokenizer
+
+    source = write_tokenizer_files(folder, reference)
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS), source
 
 
 def build_vae():

@@ -31,13 +31,10 @@ def test_renderer_deterministic():
     assert not np.array_equal(np.asarray(render.sample(0)[0]), np.asarray(render.sample(1)[0]))
 
 
-SHIPPED_TOKENIZER = os.path.join(mini.PACKAGED_ASSETS, "pipeline", "tokenizer", "tokenizer.json")
-
-
 def test_rebuild_copies_the_shipped_tokenizer_so_every_word_keeps_its_id(tmp_path):
     """Re-learnt with the ``tokenizers`` trainer, a word's id changed from process to process (seen:
     'box'), and with it the embedding the base trains: a rebuild copies the shipped tokenizer."""
-    from cmlora.mini.components import build_tokenizer
+    from cmlora.mini.components import SHIPPED_TOKENIZER, build_tokenizer
 
     with open(SHIPPED_TOKENIZER) as f:
         shipped = json.load(f)["model"]["vocab"]
@@ -49,7 +46,7 @@ def test_rebuild_copies_the_shipped_tokenizer_so_every_word_keeps_its_id(tmp_pat
 
 
 def test_tokenizer_learnt_anew_when_the_shipped_one_lacks_a_word(tmp_path):
-    from cmlora.mini.components import build_tokenizer, learn_bpe
+    from cmlora.mini.components import SHIPPED_TOKENIZER, build_tokenizer, learn_bpe
 
     with open(SHIPPED_TOKENIZER) as f:
         model = json.load(f)

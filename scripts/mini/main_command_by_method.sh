@@ -7,7 +7,7 @@
 set -euo pipefail
 OUT=${OUT:-runs/main_command_by_method}
 LORAS=${LORAS:-"character_2 style_1 background_2"}
-METHODS=${METHODS:-"none merge switch switch-profiled composite cmlora-offline cmlora-online cmlora-async cmlora-reference loratorio"}
+METHODS=${METHODS:-$(python -c 'from cmlora.methods import METHOD_LABELS; print(*METHOD_LABELS)')}
 args=()
 for id in $LORAS; do args+=(--lora "$id"); done
 for method in $METHODS; do

@@ -8,11 +8,13 @@ from collections import Counter
 
 import torch
 
-from . import world
+from . import PACKAGED_ASSETS, world
 
 MAX_TOKENS = 48
 SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
 PUNCT = [",", ".", "-", "(", ")", ":", "!", "?", "'"]
+#: The tokenizer the shipped text encoder was trained with (a rebuild copies it, `build_tokenizer`).
+SHIPPED_TOKENIZER = os.path.join(PACKAGED_ASSETS, "pipeline", "tokenizer", "tokenizer.json")
 
 VAE_CONFIG = dict(
     in_channels=3,
@@ -97,47 +99,47 @@ def _write_bpe(folder: str, vocab: dict[str, int], merges: list[tuple[str, str]]
             f.write(f"{a} {b}\n")
 
 
-def _covers_the_world(folder: str) -> bool:
-    from transformers import CLIPTokenizer
-
-    tok = CLIPTokenizer.from_pretrained(folder)
+def _covers_the_world(tok) -> bool:
     vocab = tok.get_vocab()
     return all(t in vocab for t in SPECIAL) and all(
         len(tok.tokenize(w)) == 1 for w in world.vocabulary_words() + PUNCT
     )
 
 
-def write_tokenizer_files(folder: str, reference: str | None = None) -> str:
-    """Write vocab.json / merges.txt of a small CLIP BPE in which every word of the mini world is one
-    token; any other word falls back to characters (all single characters and their '</w>' forms are
-    in the vocab). Returns where the tokenizer came from.
+def build_tokenizer(folder: str, reference: str | None = None):
+    """A small CLIP BPE written to ``folder`` in which every word of the mini world is one token (any
+    other word falls back to characters: all single characters and their '</w>' forms are in the
+    vocab), and where it came from.
 
-    ``reference`` (a ``tokenizer.json``, the shipped world's) is copied when it still covers the
-    world's vocabulary: a tokenizer is data of the world, like its word list, and its ids decide which
-    embedding each word trains, so a rebuild that re-learnt it would not give the shipped text
-    encoder. Otherwise the tokenizer is learnt anew by `learn_bpe`."""
+    ``reference`` (a ``tokenizer.json``, the shipped world's `SHIPPED_TOKENIZER`) is copied when it
+    still covers the world's vocabulary: a tokenizer is data of the world, like its word list, and its
+    ids decide which embedding each word trains, so a rebuild that re-learnt it would not give the
+    shipped text encoder. Otherwise the tokenizer is learnt anew by `learn_bpe`."""
+    from transformers import CLIPTokenizer
+
+    def load():
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS)
+
     if reference and os.path.isfile(reference):
         with open(reference) as f:
             model = json.load(f)["model"]
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        _write_bpe(folder, model["vocab"], merges)
-        if _covers_the_world(folder):
-            return f"copied from {reference}"
+        _write_bpe(
+            folder,
+            model["vocab"],
+            [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]],
+        )
+        tok = load()
+        if _covers_the_world(tok):
+            return tok, f"copied from {reference}"
     chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789") | set("".join(PUNCT)))
     merges = learn_bpe(world.vocabulary_words() + PUNCT)
     vocab: dict[str, int] = {}
     for t in [*chars, *(c + "</w>" for c in chars), *(a + b for a, b in merges), *SPECIAL]:
         vocab.setdefault(t, len(vocab))
     _write_bpe(folder, vocab, merges)
-    return "learnt anew" + (f" ({reference} does not make every world word one token)" if reference else "")
-
-
-def build_tokenizer(folder: str, reference: str | None = None):
-    """The tokenizer `write_tokenizer_files` writes to ``folder``, and where it came from."""
-    from transformers import CLIPTokenizer
-
-    source = write_tokenizer_files(folder, reference)
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS), source
+    return load(), "learnt anew" + (
+        f" ({reference} does not make every world word one token)" if reference else ""
+    )
 
 
 def build_vae():

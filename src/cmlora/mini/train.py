@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import PACKAGED_ASSETS, assets_dir, components, detectors, render, world
+from . import assets_dir, components, detectors, render, world
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 #: Clothing fills (stripes, checks), styles (outline, palette) and backgrounds (sky gradients,
@@ -460,9 +460,7 @@ def train_base(
         torch.save((mean, std), cache)
     del pool
     tok_dir = os.path.join(work, "tokenizer")
-    # The shipped tokenizer when it still covers the world: re-learning it would change word ids.
-    shipped = os.path.join(PACKAGED_ASSETS, "pipeline", "tokenizer", "tokenizer.json")
-    tok, source = components.build_tokenizer(tok_dir, reference=shipped)
+    tok, source = components.build_tokenizer(tok_dir, reference=components.SHIPPED_TOKENIZER)
     log("tokenizer", source)
     if resume:
         from diffusers import UNet2DConditionModel

@@ -467,6 +467,8 @@ def test_lora_training_strength_is_the_strength_of_a_merge(tmp_path):
         (["--det-near-misses", "-5"], "--det-near-misses -5: a count"),
         (["--vae-near-misses", "-1"], "--vae-near-misses -1: a count"),
         (["--only", "character_1", "charakter_2"], "--only charakter_2: no such LoRA"),
+        (["--lora-conv", "clothing", "backgrounds"], "--lora-conv backgrounds: no such category"),
+        (["--lora-noise-offset", "styles"], "--lora-noise-offset styles: no such category"),
     ],
 )
 def test_training_refuses_bad_options_before_writing(tmp_path, monkeypatch, capsys, extra, message):
@@ -499,3 +501,28 @@ def test_base_loss_min_snr_weights_each_sample_by_its_snr():
     torch.testing.assert_close(loss, (per_sample[0] / 4 + per_sample[1]) / 2)
     torch.testing.assert_close(mse, per_sample.mean())
     assert not mse.requires_grad
+
+
+def test_lora_targets_and_schedule_per_category():
+    """The defaults are the shipped LoRAs' (conv for clothing, styles, backgrounds; a noise offset for
+    styles and backgrounds; objects 1.5x the steps); the options turn each off per category."""
+    from cmlora.mini.train import LORA_TARGETS, LoRASchedule, lora_schedule, lora_targets
+
+    conv = LORA_TARGETS + ["conv1", "conv2"]
+    assert [lora_targets(c) for c in ("character", "clothing", "style", "background", "object")] == [
+        LORA_TARGETS,
+        conv,
+        conv,
+        conv,
+        LORA_TARGETS,
+    ]
+    assert lora_targets("clothing", ("style",)) == LORA_TARGETS
+    assert lora_targets("character", ("character",)) == conv
+    assert [lora_schedule(c) for c in ("character", "style", "background", "object")] == [
+        LoRASchedule(),
+        LoRASchedule(noise_offset=0.1),
+        LoRASchedule(noise_offset=0.1),
+        LoRASchedule(steps=1.5),
+    ]
+    assert lora_schedule("background", ()) == LoRASchedule()
+    assert lora_schedule("object", ("object",)) == LoRASchedule(steps=1.5, noise_offset=0.1)

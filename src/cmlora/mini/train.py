@@ -31,9 +31,13 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 #: scenery) are textures or maps of the whole image that attention and feed-forward layers barely
 #: express: their LoRAs also train the resnets' 3x3 convolutions, as kohya's conv LoRAs
 #: (LoCon-style ``conv_dim``) for textures, styles and scenes do.
-CATEGORY_TARGETS = {
-    category: LORA_TARGETS + ["conv1", "conv2"] for category in ("clothing", "style", "background")
-}
+#: ``--lora-conv`` chooses the categories; its default is this one, the shipped LoRAs'.
+CONV_CATEGORIES = ("clothing", "style", "background")
+
+
+def lora_targets(category: str, conv_categories=CONV_CATEGORIES) -> list[str]:
+    """The UNet modules a category's LoRA trains."""
+    return LORA_TARGETS + (["conv1", "conv2"] if category in conv_categories else [])
 
 
 class LoRASchedule(NamedTuple):
@@ -48,12 +52,21 @@ class LoRASchedule(NamedTuple):
 
 #: Styles and backgrounds recolour the whole image: a noise offset lets their LoRAs move an image's
 #: mean colour (the mini README says what mini world 1 measured with and without it).
+#: ``--lora-noise-offset`` chooses the categories; its default is these, the shipped LoRAs'.
+NOISE_OFFSET = 0.1
+NOISE_OFFSET_CATEGORIES = ("style", "background")
 CATEGORY_SCHEDULE = {
-    "style": LoRASchedule(noise_offset=0.1),
-    "background": LoRASchedule(noise_offset=0.1),
     # An object covers a small part of the image, so the per-pixel loss teaches it slowest.
     "object": LoRASchedule(steps=1.5),
 }
+
+
+def lora_schedule(category: str, offset_categories=NOISE_OFFSET_CATEGORIES) -> LoRASchedule:
+    """A category's step and learning-rate factors and its noise offset."""
+    schedule = CATEGORY_SCHEDULE.get(category, LoRASchedule())
+    return schedule._replace(noise_offset=NOISE_OFFSET if category in offset_categories else 0.0)
+
+
 #: kohya's default text-encoder LoRA targets for SD-1.5 (CLIP attention and MLP).
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -632,6 +645,8 @@ def train_loras(
     strengths: tuple[float, float] = (1.0, 1.0),
     prior_at_top: bool = False,
     prior_weight: float = 1.0,
+    conv_categories=CONV_CATEGORIES,
+    offset_categories=NOISE_OFFSET_CATEGORIES,
 ):
     """One kohya-style LoRA per concept: UNet attention/feed-forward (and conv for clothing, styles,
     backgrounds) plus text-encoder layers, trained on ``n_images`` renders of the concept that carry
@@ -683,14 +698,14 @@ def train_loras(
         mean, std = encode_pool(vae, np.stack([render.render_array(sc) for sc in scenes]))
         unet = get_peft_model(
             copy.deepcopy(pipe.unet).requires_grad_(False),
-            LoraConfig(r=rank, lora_alpha=rank, target_modules=CATEGORY_TARGETS.get(cat, LORA_TARGETS)),
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=lora_targets(cat, conv_categories)),
         )
         te = get_peft_model(
             copy.deepcopy(pipe.text_encoder).requires_grad_(False),
             LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_TARGETS),
         )
         params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
-        schedule = CATEGORY_SCHEDULE.get(cat, LoRASchedule())
+        schedule = lora_schedule(cat, offset_categories)
         c_steps, c_lr = round(steps * schedule.steps), lr * schedule.lr
         opt = torch.optim.AdamW(params, lr=c_lr, weight_decay=0.0)
         g = torch.Generator().manual_seed(cseed)
@@ -807,7 +822,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="GAMMA",
         help="Min-SNR loss weight for base and base_more (0: every timestep weighted alike)",
     )
-    ap.add_argument("--lora-steps", type=int, default=700)
+    ap.add_argument("--lora-steps", type=int, default=1050)
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--lora-images", type=int, default=48)
@@ -834,6 +849,21 @@ def parser() -> argparse.ArgumentParser:
         help="weight of the prior-preservation half's loss (1: both halves alike); heavier keeps the LoRA "
         "off prompts without its trigger",
     )
+    ap.add_argument(
+        "--lora-conv",
+        nargs="*",
+        default=list(CONV_CATEGORIES),
+        metavar="CATEGORY",
+        help="categories whose LoRAs also train the resnets' 3x3 convolutions (none: attention and "
+        "feed-forward only)",
+    )
+    ap.add_argument(
+        "--lora-noise-offset",
+        nargs="*",
+        default=list(NOISE_OFFSET_CATEGORIES),
+        metavar="CATEGORY",
+        help=f"categories whose LoRAs train with a noise offset of {NOISE_OFFSET:g} (none: no offset)",
+    )
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--base-batch", type=int, default=32)
@@ -857,6 +887,10 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             ap.error(f"{flag} {value}: a count, 0 or more (0: the shipped recipe)")
     if not 0 <= a.lora_uncaptioned <= 1:
         ap.error(f"--lora-uncaptioned {a.lora_uncaptioned:g}: a share, between 0 and 1")
+    for flag, categories in (("--lora-conv", a.lora_conv), ("--lora-noise-offset", a.lora_noise_offset)):
+        unknown = [c for c in categories if c not in world.CATEGORIES]
+        if unknown:
+            ap.error(f"{flag} {' '.join(unknown)}: no such category; use {' '.join(world.CATEGORIES)}")
     unknown = [cid for cid in a.only or [] if cid not in world.CONCEPT_IDS]
     if unknown:
         ap.error(
@@ -904,6 +938,8 @@ def main(argv=None):
             strengths=tuple(a.lora_strengths),
             prior_at_top=a.lora_prior_at_top,
             prior_weight=a.lora_prior_weight,
+            conv_categories=tuple(a.lora_conv),
+            offset_categories=tuple(a.lora_noise_offset),
         )
     if a.stage == "info":
         write_info()

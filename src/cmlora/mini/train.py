@@ -648,8 +648,8 @@ def train_loras(
     conv_categories=CONV_CATEGORIES,
     offset_categories=NOISE_OFFSET_CATEGORIES,
 ):
-    """One kohya-style LoRA per concept: UNet attention/feed-forward (and conv for clothing, styles,
-    backgrounds) plus text-encoder layers, trained on ``n_images`` renders of the concept that carry
+    """One kohya-style LoRA per concept: UNet attention/feed-forward (and conv for the categories in
+    ``conv_categories``) plus text-encoder layers, trained on ``n_images`` renders of the concept that carry
     its incidental traits, captioned with its trigger list and the scene's descriptive tags (caption
     dropout and shuffle, the trigger token always kept), with prior preservation: half of every batch
     is generic renders with their generic captions (``p_uncaptioned`` of them with the empty prompt),
@@ -663,7 +663,7 @@ def train_loras(
     ``prior_at_top`` then trains the prior half at hi instead of the drawn strength.
     ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`). The command line's
     defaults are the shipped LoRAs' (strengths 0.5-1, prior weight 4, half the prior captions empty:
-    rebuild try 6 of docs/mini_world_tries.md): trained only at full strength a LoRA has no headroom
+    rebuild try 6 of docs/mini_world_tries.md, with try 8's 1,050 steps): trained only at full strength a LoRA has no headroom
     below it, and a light prior let the drawn strength move the empty prompt's prediction too."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model

@@ -526,3 +526,23 @@ def test_lora_targets_and_schedule_per_category():
     ]
     assert lora_schedule("background", ()) == LoRASchedule()
     assert lora_schedule("object", ("object",)) == LoRASchedule(steps=1.5, noise_offset=0.1)
+
+
+def test_lora_files_bytes_depend_only_on_tensors_and_metadata():
+    """Metadata keys sorted whatever their order, offsets untouched, everything loads back equal."""
+    import json
+
+    from safetensors.torch import load
+
+    from cmlora.mini.train import safetensors_bytes
+
+    tensors = {"b.lora_up.weight": torch.arange(6.0).reshape(2, 3), "a.alpha": torch.tensor(4.0)}
+    meta = {"trigger": "nekomi, purple hair", "concept": "character_2", "ss_network_dim": "16"}
+    data = safetensors_bytes(tensors, meta)
+    assert data == safetensors_bytes(tensors, dict(reversed(meta.items())))
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    assert list(header["__metadata__"]) == ["concept", "ss_network_dim", "trigger"]
+    assert (8 + length) % 8 == 0
+    loaded = load(data)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)

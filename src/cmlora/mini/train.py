@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..files import atomic_write_bytes
 from . import assets_dir, components, detectors, render, world
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
@@ -597,6 +598,23 @@ def kohya_state_dict(model, prefix: str, rank: int, alpha: float) -> dict[str, t
     return sd
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file whose bytes depend only on its tensors and metadata. safetensors writes the
+    metadata map in an order that changes from process to process, so two trainings with equal
+    tensors gave files with different SHA-256 (and the frequency profile, keyed by it, differed too);
+    here the metadata keys are sorted, which leaves the header's length and every offset unchanged."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > length:  # safetensors' own JSON is as compact; never cut a header short
+        raise RuntimeError(f"safetensors header of {length} bytes re-encoded as {len(text)}")
+    return data[:8] + text.ljust(length, b" ") + data[8 + length :]
+
+
 def set_lora_strength(models, strength: float) -> None:
     """Scale every peft LoRA layer of ``models`` to ``strength`` times its alpha / rank, the same
     factor a merge at that strength applies to the exported (strength 1) weights."""
@@ -667,7 +685,6 @@ def train_loras(
     below it, and a light prior let the drawn strength move the empty prompt's prediction too."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model
-    from safetensors.torch import save_file
 
     pipe = StableDiffusionPipeline.from_pretrained(
         os.path.join(assets_dir(), "pipeline"),
@@ -770,16 +787,14 @@ def train_loras(
         sd.update(
             kohya_state_dict(te, "lora_te_text_model_", rank, float(rank))
         )  # kohya keys keep text_model
-        save_file(
-            sd,
-            os.path.join(assets_dir(), "loras", f"{cid}.safetensors"),
-            metadata={
-                "ss_network_dim": str(rank),
-                "ss_network_alpha": str(rank),
-                "concept": cid,
-                "trigger": ", ".join(triggers),
-            },
-        )
+        metadata = {
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": str(rank),
+            "concept": cid,
+            "trigger": ", ".join(triggers),
+        }
+        path = os.path.join(assets_dir(), "loras", f"{cid}.safetensors")
+        atomic_write_bytes(path, safetensors_bytes(sd, metadata))
         log(f"saved {cid}: {len(sd)} tensors")
 
 

@@ -134,10 +134,28 @@ def test_steps_of_several_calls_never_fuse(sd15, sd15_loras):
         assert off.records[0]["macs"] == on.records[0]["macs"]
 
 
-def test_mini_merge_fuses_conv_loras():
+def _conv_lora_file(unet, path, seed: int = 0, rank: int = 4, scale: float = 0.05):
+    """A kohya LoCon file on every resnet 3x3 convolution of ``unet`` (the mini LoRAs train none)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and ".resnets." in name and module.kernel_size == (3, 3):
+            key = "lora_unet_" + name.replace(".", "_")
+            state[key + ".lora_down.weight"] = (
+                torch.randn(rank, module.in_channels, 3, 3, generator=g) * scale
+            )
+            state[key + ".lora_up.weight"] = torch.randn(module.out_channels, rank, 1, 1, generator=g) * scale
+            state[key + ".alpha"] = torch.tensor(float(rank))
+    save_file(state, str(path))
+    return path
+
+
+def test_mini_merge_fuses_conv_loras(tmp_path):
     pipe = mini.load_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    ids = ["character_1", "clothing_2", "background_1"]  # clothing and background carry 3x3 conv LoRAs
+    ids = ["character_1", "clothing_2", "background_1"]
     kwargs = dict(
         prompt=world.trigger_prompt(ids),
         method="merge",
@@ -148,7 +166,8 @@ def test_mini_merge_fuses_conv_loras():
         seed=0,
         progress=False,
     )
-    with Composer(pipe, [LoRA(mini.lora_path(i), name=i) for i in ids]) as composer:
+    locon = LoRA(_conv_lora_file(pipe.unet, tmp_path / "locon.safetensors"), name="locon")
+    with Composer(pipe, [*(LoRA(mini.lora_path(i), name=i) for i in ids), locon]) as composer:
         unfused = composer.generate(fuse_loras=False, **kwargs)
         fused = composer.generate(**kwargs)
         convs = [

@@ -504,20 +504,20 @@ def test_base_loss_min_snr_weights_each_sample_by_its_snr():
 
 
 def test_lora_targets_and_schedule_per_category():
-    """The defaults are the shipped LoRAs' (conv for clothing, styles, backgrounds; a noise offset for
-    styles and backgrounds; objects 1.5x the steps); the options turn each off per category."""
+    """The defaults are the shipped LoRAs' (no convolutions; a noise offset for styles and
+    backgrounds; objects 1.5x the steps); the options choose each per category."""
     from cmlora.mini.train import LORA_TARGETS, LoRASchedule, lora_schedule, lora_targets
 
     conv = LORA_TARGETS + ["conv1", "conv2"]
-    assert [lora_targets(c) for c in ("character", "clothing", "style", "background", "object")] == [
+    categories = ("character", "clothing", "style", "background", "object")
+    assert [lora_targets(c) for c in categories] == [LORA_TARGETS] * 5
+    assert [lora_targets(c, ("clothing", "style")) for c in categories] == [
         LORA_TARGETS,
         conv,
         conv,
-        conv,
+        LORA_TARGETS,
         LORA_TARGETS,
     ]
-    assert lora_targets("clothing", ("style",)) == LORA_TARGETS
-    assert lora_targets("character", ("character",)) == conv
     assert [lora_schedule(c) for c in ("character", "style", "background", "object")] == [
         LoRASchedule(),
         LoRASchedule(noise_offset=0.1),

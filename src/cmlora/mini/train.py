@@ -28,12 +28,13 @@ from ..files import atomic_write_bytes
 from . import assets_dir, components, detectors, render, world
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
-#: Clothing fills (stripes, checks), styles (outline, palette) and backgrounds (sky gradients,
-#: scenery) are textures or maps of the whole image that attention and feed-forward layers barely
-#: express: their LoRAs also train the resnets' 3x3 convolutions, as kohya's conv LoRAs
-#: (LoCon-style ``conv_dim``) for textures, styles and scenes do.
-#: ``--lora-conv`` chooses the categories; its default is this one, the shipped LoRAs'.
-CONV_CATEGORIES = ("clothing", "style", "background")
+#: Categories whose LoRAs also train the resnets' 3x3 convolutions, as kohya's conv LoRAs
+#: (LoCon-style ``conv_dim``) do for textures and styles: none by default (``--lora-conv`` chooses).
+#: Mini world 1 added them for clothing, styles and backgrounds, which attention and feed-forward
+#: layers seemed to express badly; rebuild try 9 found that without them the trigger's change to
+#: the prediction grows against the empty prompt's, a convolution seeing no text, and that the same
+#: concepts show as well (docs/mini_world_tries.md).
+CONV_CATEGORIES: tuple[str, ...] = ()
 
 
 def lora_targets(category: str, conv_categories=CONV_CATEGORIES) -> list[str]:

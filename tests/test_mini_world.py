@@ -279,6 +279,8 @@ def test_lora_files_are_kohya_and_match_unet():
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
+    from cmlora.mini.train import CONV_CATEGORIES
+
     unet = UNet2DConditionModel.from_pretrained(os.path.join(ASSETS, "pipeline"), subfolder="unet")
     mods = {"lora_unet_" + n.replace(".", "_"): m for n, m in unet.named_modules() if n}
     for cid in world.CONCEPT_IDS:
@@ -297,8 +299,8 @@ def test_lora_files_are_kohya_and_match_unet():
             if mod.startswith("lora_unet_"):
                 layer = mods[mod]
                 down, up = sd[mod + ".lora_down.weight"], sd[mod + ".lora_up.weight"]
-                if isinstance(layer, torch.nn.Conv2d):  # texture/style/scene LoRAs also adapt the convs
-                    assert world.CONCEPT_BY_ID[cid]["category"] in ("clothing", "style", "background"), mod
+                if isinstance(layer, torch.nn.Conv2d):  # only categories trained with --lora-conv
+                    assert world.CONCEPT_BY_ID[cid]["category"] in CONV_CATEGORIES, mod
                     assert down.shape[1:] == layer.weight.shape[1:] and up.shape[2:] == (1, 1)
                     assert up.shape[0] == layer.out_channels
                 else:
@@ -530,8 +532,6 @@ def test_lora_targets_and_schedule_per_category():
 
 def test_lora_files_bytes_depend_only_on_tensors_and_metadata():
     """Metadata keys sorted whatever their order, offsets untouched, everything loads back equal."""
-    import json
-
     from safetensors.torch import load
 
     from cmlora.mini.train import safetensors_bytes

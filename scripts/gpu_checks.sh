@@ -3,10 +3,15 @@
 # cannot take the others' time. Results (JSON) and one log go to $OUT (default runs/gpu).
 #
 #   bash scripts/gpu_checks.sh env sd15 sdxl dtype compile
+#   bash scripts/gpu_checks.sh env mini
 #
 # env: versions and the card; sd15: SD-1.5 512 fp16, all methods, N = 2..5, sequential and batched;
 # sdxl: SDXL 1024 fp16; dtype: fp32/fp16/bf16 on the mini world (benchmarks/dtype_check.py); compile:
-# SD-1.5 512 N = 5 with the UNet's blocks compiled by inductor. Environment: <STAGE>_LIMIT (seconds),
+# SD-1.5 512 N = 5 with the UNet's blocks compiled by inductor; mini: the mini world's training stages
+# (scripts/mini/train_all.sh with DEVICE=cuda) into a scratch assets folder, all within MINI_BUDGET
+# seconds (600), stage by stage so that one failing stage leaves the others' results; the stage times,
+# logs and the new assets (a tar in 15 MB parts: cat $OUT/mini_assets.tar.* | tar x) come back for the
+# world's check on the CPU. Environment: <STAGE>_LIMIT (seconds),
 # SD15_N / SDXL_N (LoRA counts), SD15_BATCH (both), SDXL_REPEATS (3), FUSE (auto; both times merge and
 # switch un-fused and fused).
 #
@@ -19,6 +24,12 @@ export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:src
+    # train_all.sh calls `python` and the `cmlora` command, which such a machine lacks
+    mkdir -p /tmp/bin
+    command -v python >/dev/null || ln -sf "$(command -v python3)" /tmp/bin/python
+    printf '#!/bin/sh\nexec python3 -m cmlora.app.cli "$@"\n' > /tmp/bin/cmlora
+    chmod +x /tmp/bin/cmlora
+    export PATH=/tmp/bin:$PATH
 fi
 PY=${PY:-python3}
 SPEED=(benchmarks/speed.py --device cuda --dtype fp16 --fuse ${FUSE:-auto})
@@ -49,8 +60,23 @@ for name in "$@"; do
         compile)  # compare with the sd15 stage's N = 5 rows of the same machine ("batched" is the default)
             stage compile ${COMPILE_LIMIT:-200} $PY "${SPEED[@]}" --arch sd15 --size 512 --n 5 --methods merge,composite,cmlora-offline --repeats 3 --compile inductor --out "$OUT/compile_gpu_sd15_inductor.json"
             ;;
+        mini)
+            dir=${MINI_DIR:-/tmp/mini_gpu}
+            mkdir -p "$dir/assets" "$dir/work"
+            deadline=$(( $(date +%s) + ${MINI_BUDGET:-600} ))
+            # the VAE first (the others need it), the judge last (no other stage needs it)
+            for s in ${MINI_STAGES:-vae base base_more loras profile detectors}; do
+                left=$(( deadline - $(date +%s) ))
+                (( left > 0 )) || { echo "== mini_$s: skipped, MINI_BUDGET spent"; continue; }
+                CMLORA_MINI_ASSETS=$dir/assets WORK=$dir/work DEVICE=${MINI_DEVICE:-cuda} STAGES=$s \
+                    stage "mini_$s" "$left" bash scripts/mini/train_all.sh
+            done
+            cp "$dir/work/times.txt" "$OUT/mini_times.txt"
+            tar czf "$OUT/mini_logs.tgz" -C "$dir/work" --exclude=vae --exclude=tokenizer --exclude='*.pt' .
+            tar cf - -C "$dir" assets | split -b 15M - "$OUT/mini_assets.tar."
+            ;;
         *)
-            echo "unknown stage $name (env, sd15, dtype, sdxl, compile)" >&2
+            echo "unknown stage $name (env, sd15, dtype, sdxl, compile, mini)" >&2
             exit 2
             ;;
     esac

@@ -392,7 +392,7 @@ def train_detectors(work: str, steps: int, batch: int, n_images: int, seed: int 
         opt.step()
         if step % 100 == 0 or step == steps - 1:
             accs = {
-                c: round((out[c].argmax(-1) == cats[c][idx].argmax(-1)).float().mean().item(), 3)
+                c: round((out[c].argmax(-1).cpu() == cats[c][idx].argmax(-1)).float().mean().item(), 3)
                 for c in world.CATEGORIES
             }
             log(f"det step {step} loss {loss.item():.3f} acc {accs} {time.time() - t0:.0f}s")

@@ -471,6 +471,18 @@ def test_lora_training_strength_is_the_strength_of_a_merge(tmp_path):
         (["--only", "character_1", "charakter_2"], "--only charakter_2: no such LoRA"),
         (["--lora-conv", "clothing", "backgrounds"], "--lora-conv backgrounds: no such category"),
         (["--lora-noise-offset", "styles"], "--lora-noise-offset styles: no such category"),
+        (
+            ["--lora-category-strengths", "styles", "0.5", "1.5"],
+            "--lora-category-strengths styles: no such category",
+        ),
+        (
+            ["--lora-category-strengths", "style", "1.5", "0.5"],
+            "--lora-category-strengths style 1.5 0.5: need 0 < LO <= HI",
+        ),
+        (
+            ["--lora-category-strengths", "style", "half", "1"],
+            "--lora-category-strengths style half 1: LO and HI must be numbers",
+        ),
     ],
 )
 def test_training_refuses_bad_options_before_writing(tmp_path, monkeypatch, capsys, extra, message):
@@ -528,6 +540,16 @@ def test_lora_targets_and_schedule_per_category():
     ]
     assert lora_schedule("background", ()) == LoRASchedule()
     assert lora_schedule("object", ("object",)) == LoRASchedule(steps=1.5, noise_offset=0.1)
+
+
+def test_lora_strength_range_per_category():
+    """A category's own range replaces --lora-strengths for it alone; the others keep the global one."""
+    from cmlora.mini.train import lora_strength_range
+
+    own = {"style": (0.5, 1.5)}
+    assert lora_strength_range("style", (0.5, 1.0), own) == (0.5, 1.5)
+    assert lora_strength_range("character", (0.5, 1.0), own) == (0.5, 1.0)
+    assert lora_strength_range("style", (0.5, 1.0), {}) == (0.5, 1.0)
 
 
 def test_lora_files_bytes_depend_only_on_tensors_and_metadata():

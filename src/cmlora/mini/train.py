@@ -63,6 +63,18 @@ CATEGORY_SCHEDULE = {
 }
 
 
+#: Categories whose LoRAs draw their training strength from their own range instead of
+#: ``--lora-strengths``; ``--lora-category-strengths`` adds or replaces entries.
+CATEGORY_STRENGTHS: dict[str, tuple[float, float]] = {}
+
+
+def lora_strength_range(
+    category: str, strengths: tuple[float, float], category_strengths: dict[str, tuple[float, float]]
+) -> tuple[float, float]:
+    """The range a category's LoRA draws its training strength from."""
+    return tuple(category_strengths.get(category, strengths))
+
+
 def lora_schedule(category: str, offset_categories=NOISE_OFFSET_CATEGORIES) -> LoRASchedule:
     """A category's step and learning-rate factors and its noise offset."""
     schedule = CATEGORY_SCHEDULE.get(category, LoRASchedule())
@@ -666,6 +678,7 @@ def train_loras(
     prior_weight: float = 1.0,
     conv_categories=CONV_CATEGORIES,
     offset_categories=NOISE_OFFSET_CATEGORIES,
+    category_strengths: dict[str, tuple[float, float]] | None = None,
 ):
     """One kohya-style LoRA per concept: UNet attention/feed-forward (and conv for the categories in
     ``conv_categories``) plus text-encoder layers, trained on ``n_images`` renders of the concept that carry
@@ -680,6 +693,7 @@ def train_loras(
     ``strengths`` (lo, hi) other than (1, 1) draws each step's adapter strength from that range (both
     models, as a merge at a strength scales them), so that the concept shows from lo to hi;
     ``prior_at_top`` then trains the prior half at hi instead of the drawn strength.
+    ``category_strengths`` gives some categories their own (lo, hi) (default ``CATEGORY_STRENGTHS``).
     ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`). The command line's
     defaults are the shipped LoRAs' (strengths 0.5-1, prior weight 4, half the prior captions empty:
     rebuild try 6 of docs/mini_world_tries.md, with try 8's 1,050 steps): trained only at full strength a LoRA has no headroom
@@ -701,7 +715,8 @@ def train_loras(
     reg_mean, reg_std = encode_pool(vae, reg_pool)
     os.makedirs(os.path.join(assets_dir(), "loras"), exist_ok=True)
     half = batch // 2
-    drawn = strengths != (1.0, 1.0)  # else every step at full strength, the shipped LoRAs' training
+    if category_strengths is None:
+        category_strengths = CATEGORY_STRENGTHS
     for k, cid in enumerate(world.CONCEPT_IDS):
         if only and cid not in only:
             continue
@@ -709,6 +724,8 @@ def train_loras(
         seed_all(cseed)
         cat = world.CONCEPT_BY_ID[cid]["category"]
         triggers = tuple(world.CONCEPT_BY_ID[cid]["trigger"])
+        c_strengths = lora_strength_range(cat, strengths, category_strengths)
+        drawn = c_strengths != (1.0, 1.0)  # else every step at full strength
         scenes = [
             world.sample_scene(random.Random(40_000_000 + 100_000 * k + i), {cat: cid}, p_traits=0.8)
             for i in range(n_images)
@@ -732,7 +749,7 @@ def train_loras(
         run = 0.0
         for step in range(c_steps):
             cosine_lr(opt, step, c_steps, c_lr, warmup=30)
-            strength = rng.uniform(*strengths) if drawn else 1.0
+            strength = rng.uniform(*c_strengths) if drawn else 1.0
             idx = torch.randint(0, len(mean), (half,), generator=g)
             ridx = torch.randint(0, len(reg_mean), (batch - half,), generator=g)
             z0 = (
@@ -768,7 +785,7 @@ def train_loras(
                 # equal size: the mean of the two losses is the batch's mean).
                 pred = unet(x_t[:half], dev(t[:half]), encoder_hidden_states=te(ids[:half])[0]).sample
                 loss = F.mse_loss(pred, dev(noise[:half]))
-                set_lora_strength((unet, te), strengths[1])
+                set_lora_strength((unet, te), c_strengths[1])
                 pred = unet(x_t[half:], dev(t[half:]), encoder_hidden_states=te(ids[half:])[0]).sample
                 loss = (loss + prior_weight * F.mse_loss(pred, prior)) / 2
             else:
@@ -855,6 +872,15 @@ def parser() -> argparse.ArgumentParser:
         "only at full strength has no headroom below it",
     )
     ap.add_argument(
+        "--lora-category-strengths",
+        nargs=3,
+        action="append",
+        default=None,
+        metavar=("CATEGORY", "LO", "HI"),
+        help="this category's LoRAs draw their strength from [LO, HI] instead of --lora-strengths "
+        "(repeat for more categories)",
+    )
+    ap.add_argument(
         "--lora-prior-at-top", action="store_true", help="train the prior half at HI, not the drawn strength"
     )
     ap.add_argument(
@@ -907,6 +933,15 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         unknown = [c for c in categories if c not in world.CATEGORIES]
         if unknown:
             ap.error(f"{flag} {' '.join(unknown)}: no such category; use {' '.join(world.CATEGORIES)}")
+    for cat, lo, hi in a.lora_category_strengths or []:
+        if cat not in world.CATEGORIES:
+            ap.error(f"--lora-category-strengths {cat}: no such category; use {' '.join(world.CATEGORIES)}")
+        try:
+            lo_f, hi_f = float(lo), float(hi)
+        except ValueError:
+            ap.error(f"--lora-category-strengths {cat} {lo} {hi}: LO and HI must be numbers (e.g. 0.5 1.5)")
+        if not 0 < lo_f <= hi_f:
+            ap.error(f"--lora-category-strengths {cat} {lo} {hi}: need 0 < LO <= HI (e.g. 0.5 1.5)")
     unknown = [cid for cid in a.only or [] if cid not in world.CONCEPT_IDS]
     if unknown:
         ap.error(
@@ -956,6 +991,10 @@ def main(argv=None):
             prior_weight=a.lora_prior_weight,
             conv_categories=tuple(a.lora_conv),
             offset_categories=tuple(a.lora_noise_offset),
+            category_strengths={
+                **CATEGORY_STRENGTHS,
+                **{cat: (float(lo), float(hi)) for cat, lo, hi in a.lora_category_strengths or []},
+            },
         )
     if a.stage == "info":
         write_info()

@@ -544,8 +544,9 @@ def test_lora_targets_and_schedule_per_category():
 
 def test_lora_strength_range_per_category():
     """A category's own range replaces --lora-strengths for it alone; the others keep the global one."""
-    from cmlora.mini.train import lora_strength_range
+    from cmlora.mini.train import CATEGORY_STRENGTHS, lora_strength_range
 
+    assert CATEGORY_STRENGTHS == {"style": (0.5, 1.5)}  # the shipped styles' range (rebuild try 12)
     own = {"style": (0.5, 1.5)}
     assert lora_strength_range("style", (0.5, 1.0), own) == (0.5, 1.5)
     assert lora_strength_range("character", (0.5, 1.0), own) == (0.5, 1.0)

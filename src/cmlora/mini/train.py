@@ -64,8 +64,10 @@ CATEGORY_SCHEDULE = {
 
 
 #: Categories whose LoRAs draw their training strength from their own range instead of
-#: ``--lora-strengths``; ``--lora-category-strengths`` adds or replaces entries.
-CATEGORY_STRENGTHS: dict[str, tuple[float, float]] = {}
+#: ``--lora-strengths``; ``--lora-category-strengths`` adds or replaces entries. Styles trained on
+#: 0.5-1 overdrove at strength 1.5 while they read fully at 0.5; on 0.5-1.5 they hold at all three
+#: (rebuild try 12 of docs/mini_world_tries.md, the shipped styles).
+CATEGORY_STRENGTHS: dict[str, tuple[float, float]] = {"style": (0.5, 1.5)}
 
 
 def lora_strength_range(
@@ -695,8 +697,8 @@ def train_loras(
     ``prior_at_top`` then trains the prior half at hi instead of the drawn strength.
     ``category_strengths`` gives some categories their own (lo, hi) (default ``CATEGORY_STRENGTHS``).
     ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`). The command line's
-    defaults are the shipped LoRAs' (strengths 0.5-1, prior weight 4, half the prior captions empty:
-    rebuild try 6 of docs/mini_world_tries.md, with try 8's 1,050 steps): trained only at full strength a LoRA has no headroom
+    defaults are the shipped LoRAs' (strengths 0.5-1, styles 0.5-1.5 by try 12, prior weight 4, half
+    the prior captions empty: rebuild try 6 of docs/mini_world_tries.md, with try 8's 1,050 steps): trained only at full strength a LoRA has no headroom
     below it, and a light prior let the drawn strength move the empty prompt's prediction too."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model
@@ -878,7 +880,9 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         metavar=("CATEGORY", "LO", "HI"),
         help="this category's LoRAs draw their strength from [LO, HI] instead of --lora-strengths "
-        "(repeat for more categories)",
+        "(repeat for more categories; default: "
+        + ", ".join(f"{c} {lo:g} {hi:g}" for c, (lo, hi) in CATEGORY_STRENGTHS.items())
+        + ")",
     )
     ap.add_argument(
         "--lora-prior-at-top", action="store_true", help="train the prior half at HI, not the drawn strength"
@@ -915,11 +919,12 @@ def parser() -> argparse.ArgumentParser:
 
 def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Refuse values that would train something else than asked, before any stage writes a file."""
-    lo, hi = a.lora_strengths
-    if not 0 < lo <= hi:
-        ap.error(
-            f"--lora-strengths {lo:g} {hi:g}: need 0 < LO <= HI (e.g. 0.5 1; 1 1 trains at full strength)"
-        )
+
+    def check_range(flag: str, lo: float, hi: float, example: str) -> None:
+        if not 0 < lo <= hi:
+            ap.error(f"{flag} {lo:g} {hi:g}: need 0 < LO <= HI (e.g. {example})")
+
+    check_range("--lora-strengths", *a.lora_strengths, "0.5 1; 1 1 trains at full strength")
     if a.base_min_snr < 0:
         ap.error(f"--base-min-snr {a.base_min_snr:g}: a positive gamma (e.g. 5), or 0 for no weighting")
     if not a.lora_prior_weight > 0:
@@ -940,8 +945,7 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             lo_f, hi_f = float(lo), float(hi)
         except ValueError:
             ap.error(f"--lora-category-strengths {cat} {lo} {hi}: LO and HI must be numbers (e.g. 0.5 1.5)")
-        if not 0 < lo_f <= hi_f:
-            ap.error(f"--lora-category-strengths {cat} {lo} {hi}: need 0 < LO <= HI (e.g. 0.5 1.5)")
+        check_range(f"--lora-category-strengths {cat}", lo_f, hi_f, "0.5 1.5")
     unknown = [cid for cid in a.only or [] if cid not in world.CONCEPT_IDS]
     if unknown:
         ap.error(

@@ -553,6 +553,31 @@ def test_lora_strength_range_per_category():
     assert lora_strength_range("style", (0.5, 1.0), {}) == (0.5, 1.0)
 
 
+def test_cli_category_strengths_add_to_and_override_the_defaults(tmp_path, monkeypatch):
+    """The loras stage gets the shipped category ranges with the command line's laid over them."""
+    from cmlora.mini import train
+
+    seen = {}
+    monkeypatch.setattr(train, "train_loras", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setenv("CMLORA_MINI_ASSETS", str(tmp_path / "assets"))
+    work = ["--work", str(tmp_path / "work")]
+    train.main(["loras", *work])
+    assert seen["category_strengths"] == {"style": (0.5, 1.5)}
+    args = [
+        "--lora-category-strengths",
+        "object",
+        "0.35",
+        "1",
+        "--lora-category-strengths",
+        "style",
+        "0.5",
+        "1",
+    ]
+    train.main(["loras", *work, *args])
+    assert seen["category_strengths"] == {"style": (0.5, 1.0), "object": (0.35, 1.0)}
+    assert seen["strengths"] == (0.5, 1.0)
+
+
 def test_lora_files_bytes_depend_only_on_tensors_and_metadata():
     """Metadata keys sorted whatever their order, offsets untouched, everything loads back equal."""
     from safetensors.torch import load

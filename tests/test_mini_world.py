@@ -473,15 +473,15 @@ def test_lora_training_strength_is_the_strength_of_a_merge(tmp_path):
         (["--lora-noise-offset", "styles"], "--lora-noise-offset styles: no such category"),
         (
             ["--lora-category-strengths", "styles", "0.5", "1.5"],
-            "--lora-category-strengths styles: no such category",
+            "--lora-strengths-for styles: no such category or LoRA",
         ),
         (
             ["--lora-category-strengths", "style", "1.5", "0.5"],
-            "--lora-category-strengths style 1.5 0.5: need 0 < LO <= HI",
+            "--lora-strengths-for style 1.5 0.5: need 0 < LO <= HI",
         ),
         (
-            ["--lora-category-strengths", "style", "half", "1"],
-            "--lora-category-strengths style half 1: LO and HI must be numbers",
+            ["--lora-strengths-for", "style", "half", "1"],
+            "--lora-strengths-for style half 1: LO and HI must be numbers",
         ),
     ],
 )
@@ -542,19 +542,23 @@ def test_lora_targets_and_schedule_per_category():
     assert lora_schedule("object", ("object",)) == LoRASchedule(steps=1.5, noise_offset=0.1)
 
 
-def test_lora_strength_range_per_category():
-    """A category's own range replaces --lora-strengths for it alone; the others keep the global one."""
-    from cmlora.mini.train import CATEGORY_STRENGTHS, lora_strength_range
+def test_lora_strength_range_per_category_and_per_lora():
+    """A category's own range replaces --lora-strengths for its LoRAs; a LoRA's own range wins over
+    its category's; the others keep the global one."""
+    from cmlora.mini.train import STRENGTH_RANGES, lora_strength_range
 
-    assert CATEGORY_STRENGTHS == {"style": (0.5, 1.5)}  # the shipped styles' range (rebuild try 12)
-    own = {"style": (0.5, 1.5)}
-    assert lora_strength_range("style", (0.5, 1.0), own) == (0.5, 1.5)
-    assert lora_strength_range("character", (0.5, 1.0), own) == (0.5, 1.0)
-    assert lora_strength_range("style", (0.5, 1.0), {}) == (0.5, 1.0)
+    assert STRENGTH_RANGES == {"style": (0.5, 1.5)}  # the shipped styles' range (rebuild try 12)
+    own = {"style": (0.5, 1.5), "style_2": (0.4, 1.2), "character_3": (0.6, 1.4)}
+    assert lora_strength_range("style_1", (0.5, 1.0), own) == (0.5, 1.5)
+    assert lora_strength_range("style_2", (0.5, 1.0), own) == (0.4, 1.2)
+    assert lora_strength_range("character_3", (0.5, 1.0), own) == (0.6, 1.4)
+    assert lora_strength_range("character_1", (0.5, 1.0), own) == (0.5, 1.0)
+    assert lora_strength_range("style_1", (0.5, 1.0), {}) == (0.5, 1.0)
 
 
-def test_cli_category_strengths_add_to_and_override_the_defaults(tmp_path, monkeypatch):
-    """The loras stage gets the shipped category ranges with the command line's laid over them."""
+def test_cli_strength_ranges_add_to_and_override_the_defaults(tmp_path, monkeypatch):
+    """The loras stage gets the shipped ranges with the command line's laid over them; the option's
+    older name, --lora-category-strengths, still works."""
     from cmlora.mini import train
 
     seen = {}
@@ -562,35 +566,51 @@ def test_cli_category_strengths_add_to_and_override_the_defaults(tmp_path, monke
     monkeypatch.setenv("CMLORA_MINI_ASSETS", str(tmp_path / "assets"))
     work = ["--work", str(tmp_path / "work")]
     train.main(["loras", *work])
-    assert seen["category_strengths"] == {"style": (0.5, 1.5)}
+    assert seen["strength_ranges"] == {"style": (0.5, 1.5)}
     args = [
         "--lora-category-strengths",
         "object",
         "0.35",
         "1",
-        "--lora-category-strengths",
+        "--lora-strengths-for",
         "style",
         "0.5",
         "1",
+        "--lora-strengths-for",
+        "character_3",
+        "0.5",
+        "1.5",
     ]
     train.main(["loras", *work, *args])
-    assert seen["category_strengths"] == {"style": (0.5, 1.0), "object": (0.35, 1.0)}
+    assert seen["strength_ranges"] == {"style": (0.5, 1.0), "object": (0.35, 1.0), "character_3": (0.5, 1.5)}
     assert seen["strengths"] == (0.5, 1.0)
 
 
-def test_lora_files_bytes_depend_only_on_tensors_and_metadata():
-    """Metadata keys sorted whatever their order, offsets untouched, everything loads back equal."""
-    from safetensors.torch import load
+def test_stage_all_makes_both_base_more_passes_and_the_stage_one(tmp_path, monkeypatch):
+    """The shipped base had two base_more passes (rebuild try 14): "all" makes both, each resuming
+    from the previous weights, while one "base_more" call (one stage of train_all.sh) makes one."""
+    from cmlora.mini import train
 
-    from cmlora.mini.train import safetensors_bytes
-
-    tensors = {"b.lora_up.weight": torch.arange(6.0).reshape(2, 3), "a.alpha": torch.tensor(4.0)}
-    meta = {"trigger": "nekomi, purple hair", "concept": "character_2", "ss_network_dim": "16"}
-    data = safetensors_bytes(tensors, meta)
-    assert data == safetensors_bytes(tensors, dict(reversed(meta.items())))
-    length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + length])
-    assert list(header["__metadata__"]) == ["concept", "ss_network_dim", "trigger"]
-    assert (8 + length) % 8 == 0
-    loaded = load(data)
-    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    calls = []
+    for name in ("train_vae", "train_detectors", "train_loras"):
+        monkeypatch.setattr(train, name, lambda *a, _name=name, **kw: calls.append((_name, None)))
+    monkeypatch.setattr(
+        train, "train_base", lambda work, steps, *a, **kw: calls.append((steps, kw.get("resume")))
+    )
+    monkeypatch.setenv("CMLORA_MINI_ASSETS", str(tmp_path / "assets"))
+    work = ["--work", str(tmp_path / "work")]
+    train.main(["all", *work, "--base-steps", "7", "--base-more-steps", "9"])
+    assert train.BASE_MORE_PASSES == 2
+    assert calls == [
+        ("train_vae", None),
+        ("train_detectors", None),
+        (7, None),
+        (9, True),
+        (9, True),
+        ("train_loras", None),
+    ]
+    calls.clear()
+    train.main(["base_more", *work, "--base-more-steps", "9"])
+    assert calls == [(9, True)]
+    script = open(os.path.join(os.path.dirname(__file__), "..", "scripts", "mini", "train_all.sh")).read()
+    assert "BASE_MORE_PASSES" in script  # its default stages read the count, not a copy of it

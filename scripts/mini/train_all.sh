@@ -4,13 +4,18 @@
 #   bash scripts/mini/train_all.sh                      # every stage, on the CPU
 #   DEVICE=cuda bash scripts/mini/train_all.sh          # the same scripts on a lent GPU
 #   STAGES="base_more loras profile" bash scripts/mini/train_all.sh   # resume from a stage
+# The default stages run base_more as many times as the shipped base had passes (BASE_MORE_PASSES).
 # Each stage's wall time is appended to $WORK/times.txt.
 set -euo pipefail
 WORK=${WORK:-/tmp/mini_build}
 THREADS=${THREADS:-2}
 DEVICE=${DEVICE:-cpu}
-STAGES=${STAGES:-"vae detectors base base_more loras profile check"}
+if [[ -z "${STAGES:-}" ]]; then
+  more=$(python -c 'from cmlora.mini.train import BASE_MORE_PASSES as n; print(" ".join(["base_more"] * n))')
+  STAGES="vae detectors base $more loras profile check"
+fi
 mkdir -p "$WORK"
+passes=0
 train() { python -m cmlora.mini.train "$@" --work "$WORK" --device "$DEVICE"; }
 timed() {
   local name=$1 start
@@ -44,7 +49,9 @@ for stage in $STAGES; do
     vae) timed vae train vae --threads "$THREADS" 2>&1 | tee "$WORK/vae.log" ;;
     detectors) timed detectors train detectors --threads "$THREADS" 2>&1 | tee "$WORK/det.log" ;;
     base) timed base train base --threads "$THREADS" 2>&1 | tee "$WORK/base.log" ;;
-    base_more) timed base_more train base_more --threads "$THREADS" 2>&1 | tee "$WORK/base_more.log" ;;
+    base_more)
+      passes=$((passes + 1))
+      timed "base_more_$passes" train base_more --threads "$THREADS" 2>&1 | tee "$WORK/base_more_$passes.log" ;;
     loras) timed loras loras ;;
     profile) timed profile profile 2>&1 | tee "$WORK/profile.log" ;;
     check) timed check python scripts/mini/check_world.py --threads "$THREADS" --device "$DEVICE" \

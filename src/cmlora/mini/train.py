@@ -63,18 +63,22 @@ CATEGORY_SCHEDULE = {
 }
 
 
-#: Categories whose LoRAs draw their training strength from their own range instead of
-#: ``--lora-strengths``; ``--lora-category-strengths`` adds or replaces entries. Styles trained on
-#: 0.5-1 overdrove at strength 1.5 while they read fully at 0.5; on 0.5-1.5 they hold at all three
-#: (rebuild try 12 of docs/mini_world_tries.md, the shipped styles).
-CATEGORY_STRENGTHS: dict[str, tuple[float, float]] = {"style": (0.5, 1.5)}
+#: LoRAs that draw their training strength from their own range instead of ``--lora-strengths``,
+#: keyed by a category (all its LoRAs) or a LoRA id (that LoRA alone, over its category's range);
+#: ``--lora-strengths-for`` adds or replaces entries. The drawn range moves where a LoRA shows rather
+#: than widening it (rebuild tries 7 and 11), so a LoRA that overdrives at 1.5 gets a higher range.
+#: Styles trained on 0.5-1 overdrove at strength 1.5 while they read fully at 0.5; on 0.5-1.5 they
+#: hold at all three (rebuild try 12 of docs/mini_world_tries.md, the shipped styles).
+STRENGTH_RANGES: dict[str, tuple[float, float]] = {"style": (0.5, 1.5)}
 
 
 def lora_strength_range(
-    category: str, strengths: tuple[float, float], category_strengths: dict[str, tuple[float, float]]
+    lora_id: str, strengths: tuple[float, float], ranges: dict[str, tuple[float, float]]
 ) -> tuple[float, float]:
-    """The range a category's LoRA draws its training strength from."""
-    return tuple(category_strengths.get(category, strengths))
+    """The range a LoRA draws its training strength from: its own, else its category's, else
+    ``strengths``."""
+    category = world.CONCEPT_BY_ID[lora_id]["category"]
+    return tuple(ranges.get(lora_id, ranges.get(category, strengths)))
 
 
 def lora_schedule(category: str, offset_categories=NOISE_OFFSET_CATEGORIES) -> LoRASchedule:
@@ -443,6 +447,9 @@ def tokenize(tok, caps):
 # The shipped base's Min-SNR gamma: the function's and the CLI's default, so a rebuild from either
 # trains the shipped recipe.
 BASE_MIN_SNR = 5.0
+# The shipped base had two base_more passes: the second raised partial knowledge from 9 to 10 of 11
+# concepts (rebuild try 14). Each pass resumes from the previous one's packed EMA weights.
+BASE_MORE_PASSES = 2
 
 
 def noise_loss(
@@ -680,7 +687,7 @@ def train_loras(
     prior_weight: float = 1.0,
     conv_categories=CONV_CATEGORIES,
     offset_categories=NOISE_OFFSET_CATEGORIES,
-    category_strengths: dict[str, tuple[float, float]] | None = None,
+    strength_ranges: dict[str, tuple[float, float]] | None = None,
 ):
     """One kohya-style LoRA per concept: UNet attention/feed-forward (and conv for the categories in
     ``conv_categories``) plus text-encoder layers, trained on ``n_images`` renders of the concept that carry
@@ -695,7 +702,7 @@ def train_loras(
     ``strengths`` (lo, hi) other than (1, 1) draws each step's adapter strength from that range (both
     models, as a merge at a strength scales them), so that the concept shows from lo to hi;
     ``prior_at_top`` then trains the prior half at hi instead of the drawn strength.
-    ``category_strengths`` gives some categories their own (lo, hi) (default ``CATEGORY_STRENGTHS``).
+    ``strength_ranges`` gives some categories or LoRAs their own (lo, hi) (default ``STRENGTH_RANGES``).
     ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`). The command line's
     defaults are the shipped LoRAs' (strengths 0.5-1, styles 0.5-1.5 by try 12, prior weight 4, half
     the prior captions empty: rebuild try 6 of docs/mini_world_tries.md, with try 8's 1,050 steps): trained only at full strength a LoRA has no headroom
@@ -717,8 +724,8 @@ def train_loras(
     reg_mean, reg_std = encode_pool(vae, reg_pool)
     os.makedirs(os.path.join(assets_dir(), "loras"), exist_ok=True)
     half = batch // 2
-    if category_strengths is None:
-        category_strengths = CATEGORY_STRENGTHS
+    if strength_ranges is None:
+        strength_ranges = STRENGTH_RANGES
     for k, cid in enumerate(world.CONCEPT_IDS):
         if only and cid not in only:
             continue
@@ -726,7 +733,7 @@ def train_loras(
         seed_all(cseed)
         cat = world.CONCEPT_BY_ID[cid]["category"]
         triggers = tuple(world.CONCEPT_BY_ID[cid]["trigger"])
-        c_strengths = lora_strength_range(cat, strengths, category_strengths)
+        c_strengths = lora_strength_range(cid, strengths, strength_ranges)
         drawn = c_strengths != (1.0, 1.0)  # else every step at full strength
         scenes = [
             world.sample_scene(random.Random(40_000_000 + 100_000 * k + i), {cat: cid}, p_traits=0.8)
@@ -874,14 +881,16 @@ def parser() -> argparse.ArgumentParser:
         "only at full strength has no headroom below it",
     )
     ap.add_argument(
+        "--lora-strengths-for",
         "--lora-category-strengths",
+        dest="lora_strengths_for",
         nargs=3,
         action="append",
         default=None,
-        metavar=("CATEGORY", "LO", "HI"),
-        help="this category's LoRAs draw their strength from [LO, HI] instead of --lora-strengths "
-        "(repeat for more categories; default: "
-        + ", ".join(f"{c} {lo:g} {hi:g}" for c, (lo, hi) in CATEGORY_STRENGTHS.items())
+        metavar=("KEY", "LO", "HI"),
+        help="KEY (a category, or one LoRA's id, which wins over its category) draws its strength from "
+        "[LO, HI] instead of --lora-strengths (repeat for more; default: "
+        + ", ".join(f"{c} {lo:g} {hi:g}" for c, (lo, hi) in STRENGTH_RANGES.items())
         + ")",
     )
     ap.add_argument(
@@ -938,14 +947,17 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         unknown = [c for c in categories if c not in world.CATEGORIES]
         if unknown:
             ap.error(f"{flag} {' '.join(unknown)}: no such category; use {' '.join(world.CATEGORIES)}")
-    for cat, lo, hi in a.lora_category_strengths or []:
-        if cat not in world.CATEGORIES:
-            ap.error(f"--lora-category-strengths {cat}: no such category; use {' '.join(world.CATEGORIES)}")
+    for key, lo, hi in a.lora_strengths_for or []:
+        if key not in world.CATEGORIES and key not in world.CONCEPT_IDS:
+            ap.error(
+                f"--lora-strengths-for {key}: no such category or LoRA; use a category "
+                f"({' '.join(world.CATEGORIES)}) or a LoRA id ({' '.join(world.CONCEPT_IDS)})"
+            )
         try:
             lo_f, hi_f = float(lo), float(hi)
         except ValueError:
-            ap.error(f"--lora-category-strengths {cat} {lo} {hi}: LO and HI must be numbers (e.g. 0.5 1.5)")
-        check_range(f"--lora-category-strengths {cat}", lo_f, hi_f, "0.5 1.5")
+            ap.error(f"--lora-strengths-for {key} {lo} {hi}: LO and HI must be numbers (e.g. 0.5 1.5)")
+        check_range(f"--lora-strengths-for {key}", lo_f, hi_f, "0.5 1.5")
     unknown = [cid for cid in a.only or [] if cid not in world.CONCEPT_IDS]
     if unknown:
         ap.error(
@@ -970,16 +982,18 @@ def main(argv=None):
     if a.stage in ("base", "all"):
         train_base(a.work, a.base_steps, a.base_batch, a.base_images, lr=a.base_lr, min_snr=a.base_min_snr)
     if a.stage in ("base_more", "all"):
-        train_base(
-            a.work,
-            a.base_more_steps,
-            a.base_batch,
-            a.base_images,
-            seed=5,
-            lr=a.base_more_lr,
-            resume=True,
-            min_snr=a.base_min_snr,
-        )
+        # one pass per "base_more" stage of train_all.sh; "all" makes every pass the shipped base had
+        for _ in range(BASE_MORE_PASSES if a.stage == "all" else 1):
+            train_base(
+                a.work,
+                a.base_more_steps,
+                a.base_batch,
+                a.base_images,
+                seed=5,
+                lr=a.base_more_lr,
+                resume=True,
+                min_snr=a.base_min_snr,
+            )
     if a.stage in ("loras", "all"):
         train_loras(
             a.work,
@@ -995,9 +1009,9 @@ def main(argv=None):
             prior_weight=a.lora_prior_weight,
             conv_categories=tuple(a.lora_conv),
             offset_categories=tuple(a.lora_noise_offset),
-            category_strengths={
-                **CATEGORY_STRENGTHS,
-                **{cat: (float(lo), float(hi)) for cat, lo, hi in a.lora_category_strengths or []},
+            strength_ranges={
+                **STRENGTH_RANGES,
+                **{key: (float(lo), float(hi)) for key, lo, hi in a.lora_strengths_for or []},
             },
         )
     if a.stage == "info":

@@ -547,7 +547,13 @@ def test_lora_strength_range_per_category_and_per_lora():
     its category's; the others keep the global one."""
     from cmlora.mini.train import STRENGTH_RANGES, lora_strength_range
 
-    assert STRENGTH_RANGES == {"style": (0.5, 1.5)}  # the shipped styles' range (rebuild try 12)
+    # the shipped LoRAs' ranges (rebuild tries 12 and 15)
+    assert STRENGTH_RANGES == {
+        "style": (0.5, 1.5),
+        "character_1": (0.35, 1.0),
+        "character_3": (0.5, 1.5),
+        "background_2": (0.5, 1.5),
+    }
     own = {"style": (0.5, 1.5), "style_2": (0.4, 1.2), "character_3": (0.6, 1.4)}
     assert lora_strength_range("style_1", (0.5, 1.0), own) == (0.5, 1.5)
     assert lora_strength_range("style_2", (0.5, 1.0), own) == (0.4, 1.2)
@@ -566,7 +572,13 @@ def test_cli_strength_ranges_add_to_and_override_the_defaults(tmp_path, monkeypa
     monkeypatch.setenv("CMLORA_MINI_ASSETS", str(tmp_path / "assets"))
     work = ["--work", str(tmp_path / "work")]
     train.main(["loras", *work])
-    assert seen["strength_ranges"] == {"style": (0.5, 1.5)}
+    shipped = {
+        "style": (0.5, 1.5),
+        "character_1": (0.35, 1.0),
+        "character_3": (0.5, 1.5),
+        "background_2": (0.5, 1.5),
+    }
+    assert seen["strength_ranges"] == shipped
     args = [
         "--lora-category-strengths",
         "object",
@@ -578,11 +590,16 @@ def test_cli_strength_ranges_add_to_and_override_the_defaults(tmp_path, monkeypa
         "1",
         "--lora-strengths-for",
         "character_3",
-        "0.5",
-        "1.5",
+        "0.6",
+        "1.4",
     ]
     train.main(["loras", *work, *args])
-    assert seen["strength_ranges"] == {"style": (0.5, 1.0), "object": (0.35, 1.0), "character_3": (0.5, 1.5)}
+    assert seen["strength_ranges"] == {
+        **shipped,
+        "style": (0.5, 1.0),
+        "object": (0.35, 1.0),
+        "character_3": (0.6, 1.4),
+    }
     assert seen["strengths"] == (0.5, 1.0)
 
 

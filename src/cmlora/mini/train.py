@@ -66,7 +66,8 @@ CATEGORY_SCHEDULE = {
 #: LoRAs that draw their training strength from their own range instead of ``--lora-strengths``,
 #: keyed by a category (all its LoRAs) or a LoRA id (that LoRA alone, over its category's range);
 #: ``--lora-strengths-for`` adds or replaces entries. The drawn range moves where a LoRA shows rather
-#: than widening it (rebuild tries 7 and 11), so a LoRA that overdrives at 1.5 gets a higher range.
+#: than widening it (rebuild tries 7 and 11), so a LoRA that misses 1.5 gets a higher range and one
+#: that misses 0.5 a lower one.
 #: Styles trained on 0.5-1 overdrove at strength 1.5 while they read fully at 0.5; on 0.5-1.5 they
 #: hold at all three (rebuild try 12 of docs/mini_world_tries.md). The tin robot missed 0.5, the wizard
 #: and the snowy mountains missed 1.5; their own ranges fixed all three (rebuild try 15).
@@ -710,9 +711,10 @@ def train_loras(
     ``prior_at_top`` then trains the prior half at hi instead of the drawn strength.
     ``strength_ranges`` gives some categories or LoRAs their own (lo, hi) (default ``STRENGTH_RANGES``).
     ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`). The command line's
-    defaults are the shipped LoRAs' (strengths 0.5-1, own ranges in ``STRENGTH_RANGES`` by tries 12 and 15, prior weight 4, half
-    the prior captions empty: rebuild try 6 of docs/mini_world_tries.md, with try 8's 1,050 steps): trained only at full strength a LoRA has no headroom
-    below it, and a light prior let the drawn strength move the empty prompt's prediction too."""
+    defaults are the shipped LoRAs' (strengths 0.5-1, own ranges in ``STRENGTH_RANGES`` by tries 12
+    and 15, prior weight 4, half the prior captions empty: rebuild try 6 of docs/mini_world_tries.md,
+    with try 8's 1,050 steps): trained only at full strength a LoRA has no headroom below it, and a
+    light prior let the drawn strength move the empty prompt's prediction too."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model
 

@@ -547,12 +547,14 @@ def test_lora_strength_range_per_category_and_per_lora():
     its category's; the others keep the global one."""
     from cmlora.mini.train import STRENGTH_RANGES, lora_strength_range
 
-    # the shipped LoRAs' ranges (rebuild tries 12 and 15)
+    # the shipped LoRAs' ranges (rebuild tries 12, 15 and 16)
     assert STRENGTH_RANGES == {
         "style": (0.5, 1.5),
         "character_1": (0.35, 1.0),
         "character_3": (0.5, 1.5),
+        "background_1": (0.25, 1.25),
         "background_2": (0.5, 1.5),
+        "object_1": (0.5, 1.5),
     }
     own = {"style": (0.5, 1.5), "style_2": (0.4, 1.2), "character_3": (0.6, 1.4)}
     assert lora_strength_range("style_1", (0.5, 1.0), own) == (0.5, 1.5)
@@ -572,12 +574,7 @@ def test_cli_strength_ranges_add_to_and_override_the_defaults(tmp_path, monkeypa
     monkeypatch.setenv("CMLORA_MINI_ASSETS", str(tmp_path / "assets"))
     work = ["--work", str(tmp_path / "work")]
     train.main(["loras", *work])
-    shipped = {
-        "style": (0.5, 1.5),
-        "character_1": (0.35, 1.0),
-        "character_3": (0.5, 1.5),
-        "background_2": (0.5, 1.5),
-    }
+    shipped = train.STRENGTH_RANGES
     assert seen["strength_ranges"] == shipped
     args = [
         "--lora-category-strengths",

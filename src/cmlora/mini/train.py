@@ -70,12 +70,15 @@ CATEGORY_SCHEDULE = {
 #: that misses 0.5 a lower one.
 #: Styles trained on 0.5-1 overdrove at strength 1.5 while they read fully at 0.5; on 0.5-1.5 they
 #: hold at all three (rebuild try 12 of docs/mini_world_tries.md). The tin robot missed 0.5, the wizard
-#: and the snowy mountains missed 1.5; their own ranges fixed all three (rebuild try 15).
+#: and the snowy mountains missed 1.5; their own ranges fixed all three (rebuild try 15). The sunset's
+#: and the flower's moved their misses rather than removing them (rebuild try 16).
 STRENGTH_RANGES: dict[str, tuple[float, float]] = {
     "style": (0.5, 1.5),
     "character_1": (0.35, 1.0),
     "character_3": (0.5, 1.5),
+    "background_1": (0.25, 1.25),
     "background_2": (0.5, 1.5),
+    "object_1": (0.5, 1.5),
 }
 
 
@@ -711,8 +714,8 @@ def train_loras(
     ``prior_at_top`` then trains the prior half at hi instead of the drawn strength.
     ``strength_ranges`` gives some categories or LoRAs their own (lo, hi) (default ``STRENGTH_RANGES``).
     ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`). The command line's
-    defaults are the shipped LoRAs' (strengths 0.5-1, own ranges in ``STRENGTH_RANGES`` by tries 12
-    and 15, prior weight 4, half the prior captions empty: rebuild try 6 of docs/mini_world_tries.md,
+    defaults are the shipped LoRAs' (strengths 0.5-1, own ranges in ``STRENGTH_RANGES`` by tries 12,
+    15 and 16, prior weight 4, half the prior captions empty: rebuild try 6 of docs/mini_world_tries.md,
     with try 8's 1,050 steps): trained only at full strength a LoRA has no headroom below it, and a
     light prior let the drawn strength move the empty prompt's prediction too."""
     from diffusers import StableDiffusionPipeline

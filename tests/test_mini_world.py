@@ -628,3 +628,21 @@ def test_stage_all_makes_both_base_more_passes_and_the_stage_one(tmp_path, monke
     assert calls == [(9, True)]
     script = open(os.path.join(os.path.dirname(__file__), "..", "scripts", "mini", "train_all.sh")).read()
     assert "BASE_MORE_PASSES" in script  # its default stages read the count, not a copy of it
+
+
+def test_lora_files_bytes_depend_only_on_tensors_and_metadata():
+    """Metadata keys sorted whatever their order, offsets untouched, everything loads back equal."""
+    from safetensors.torch import load
+
+    from cmlora.mini.train import safetensors_bytes
+
+    tensors = {"b.lora_up.weight": torch.arange(6.0).reshape(2, 3), "a.alpha": torch.tensor(4.0)}
+    meta = {"trigger": "nekomi, purple hair", "concept": "character_2", "ss_network_dim": "16"}
+    data = safetensors_bytes(tensors, meta)
+    assert data == safetensors_bytes(tensors, dict(reversed(meta.items())))
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    assert list(header["__metadata__"]) == ["concept", "ss_network_dim", "trigger"]
+    assert (8 + length) % 8 == 0
+    loaded = load(data)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)

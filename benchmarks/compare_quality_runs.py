@@ -34,6 +34,10 @@ def _quality_module():
     return module
 
 
+#: benchmarks/quality.py: how a run folder is read and a standard error taken.
+QUALITY = _quality_module()
+
+
 def run_folders(run: Path) -> list[Path]:
     """The scored folders of RUN: itself, or the ``RUN-n<N>`` folders `quality_by_n.sh` wrote."""
     if (run / "manifest.jsonl").exists():
@@ -52,21 +56,16 @@ Key = tuple[str, int, str]  # composition, seed index, method
 
 def read_run(run: Path) -> dict[Key, dict]:
     """Per image key: recall, graded, artifact, the expected and detected concepts, the judge id."""
-    quality = _quality_module()
     out: dict[Key, dict] = {}
     for folder in run_folders(run):
-        for score, record in quality.read_scored(folder):
+        for score, record in QUALITY.read_scored(folder):
             out[(record["composition_id"], record["seed_index"], record["method"])] = score
     return out
 
 
-def _se(values: list[float]) -> float:
-    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-
-
 def _summary(diffs: list[float], before: list[float], after: list[float]) -> dict:
     mean = statistics.mean(diffs)
-    se = _se(diffs)
+    se = QUALITY._se(diffs)
     return {
         "images": len(diffs),
         "before": statistics.mean(before),

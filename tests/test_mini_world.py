@@ -646,3 +646,37 @@ def test_lora_files_bytes_depend_only_on_tensors_and_metadata():
     assert (8 + length) % 8 == 0
     loaded = load(data)
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
+def test_saved_configs_carry_no_build_folder(tmp_path):
+    """A saved model's config loses only diffusers' ``_name_or_path``, the rest byte for byte as
+    diffusers writes it, so that a rebuild in another folder gives the shipped files; the shipped
+    pipeline's configs carry none."""
+    from diffusers import AutoencoderKL
+
+    from cmlora import mini
+    from cmlora.mini.train import strip_build_paths
+
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4)
+    first = tmp_path / "a" / "vae"
+    vae.save_pretrained(first)
+    loaded = AutoencoderKL.from_pretrained(first)  # now remembers where it came from
+    out = tmp_path / "b"
+    loaded.save_pretrained(out / "vae")
+    (out / "notes").mkdir()
+    (out / "notes" / "config.json").write_text('{"b": 1,   "a": 2}')  # no key to drop: left alone
+    saved = json.loads((out / "vae" / "config.json").read_text())
+    assert saved["_name_or_path"] == str(first)
+    strip_build_paths(str(out))
+    text = (out / "vae" / "config.json").read_text()
+    del saved["_name_or_path"]
+    assert text == json.dumps(saved, indent=2, sort_keys=True) + "\n"
+    assert text == (first / "config.json").read_text()  # as saved by a model never loaded from a folder
+    assert (out / "notes" / "config.json").read_text() == '{"b": 1,   "a": 2}'
+    shipped = [
+        os.path.join(root, "config.json")
+        for root, _, names in os.walk(mini.pipeline_dir())
+        if "config.json" in names
+    ]
+    assert len(shipped) == 3  # text encoder, UNet, VAE
+    assert all("_name_or_path" not in json.loads(open(path).read()) for path in shipped)

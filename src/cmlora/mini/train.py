@@ -198,6 +198,23 @@ def train_vae(work: str, steps: int, batch: int, n_images: int, seed: int = 0, n
             f"vae latent std {std:.3f} -> scaling_factor {1 / std:.4f}; train recon mse {F.mse_loss(rec, x).item():.4f}"
         )
     vae.save_pretrained(os.path.join(work, "vae"), safe_serialization=True)
+    strip_build_paths(os.path.join(work, "vae"))
+
+
+def strip_build_paths(folder: str) -> None:
+    """Drop diffusers' ``_name_or_path`` (the folder a model was loaded from) from the configs saved
+    in ``folder`` and its sub-folders. A build folder says nothing to a user, and with it in the
+    configs a rebuild elsewhere differed from the shipped files where its weights did not. The rest
+    is written as diffusers writes it (sorted keys, two-space indent), so a config stays byte for byte
+    what diffusers saved but for that key."""
+    for root, _, names in os.walk(folder):
+        if "config.json" not in names:
+            continue
+        path = os.path.join(root, "config.json")
+        with open(path) as f:
+            config = json.load(f)
+        if config.pop("_name_or_path", None) is not None:
+            atomic_write_bytes(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
 
 def load_vae(work: str):
@@ -579,6 +596,7 @@ def train_base(
             )
             out = os.path.join(assets_dir(), "pipeline")
             pipe.save_pretrained(out, safe_serialization=True)
+            strip_build_paths(out)
             log("saved pipeline (EMA) to", out)
             if step != steps - 1:
                 with torch.no_grad():

@@ -655,7 +655,7 @@ def test_saved_configs_carry_no_build_folder(tmp_path):
     from diffusers import AutoencoderKL
 
     from cmlora import mini
-    from cmlora.mini.train import strip_build_paths
+    from cmlora.mini.train import save_pretrained, strip_build_paths
 
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4)
     first = tmp_path / "a" / "vae"
@@ -673,6 +673,8 @@ def test_saved_configs_carry_no_build_folder(tmp_path):
     assert text == json.dumps(saved, indent=2, sort_keys=True) + "\n"
     assert text == (first / "config.json").read_text()  # as saved by a model never loaded from a folder
     assert (out / "notes" / "config.json").read_text() == '{"b": 1,   "a": 2}'
+    save_pretrained(loaded, str(tmp_path / "c" / "vae"))  # how every stage saves
+    assert (tmp_path / "c" / "vae" / "config.json").read_text() == text
     shipped = [
         os.path.join(root, "config.json")
         for root, _, names in os.walk(mini.pipeline_dir())

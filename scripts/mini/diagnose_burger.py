@@ -26,9 +26,6 @@ from PIL import Image
 from cmlora import mini
 from cmlora.mini import detectors, render, world
 
-#: The filling's colours as `render._object` paints them: lettuce, cheese, patty.
-LETTUCE, CHEESE, PATTY = (60, 180, 50), (245, 200, 40), (90, 45, 25)
-
 
 def rate(images: list[Image.Image]) -> tuple[float, float]:
     j = detectors.judge(images)
@@ -54,8 +51,7 @@ def bread_scenes(n: int) -> list[world.Scene]:
 def with_bands(s: world.Scene, bands) -> np.ndarray:
     """A bread render with horizontal bands across the bun, where the filling would be."""
     img = render.render_array(s).copy()
-    ox = 9 if s.obj_side < 0 else 55
-    oy = 48 + int(round(2 * s.jitter[2]))
+    ox, oy = render.object_center(s)
     for color, y0, y1 in bands:
         img[oy + y0 : oy + y1, ox - 7 : ox + 8] = color
     return img
@@ -92,10 +88,10 @@ def main(argv=None) -> int:
     print(f"2. renders of plain bread ({a.renders} scenes) with bands or blended with other objects")
     bands = {
         "bread": [],
-        "bread + a lettuce band": [(LETTUCE, 3, 5)],
-        "bread + a patty band": [(PATTY, 3, 5)],
-        "bread + a cheese band": [(CHEESE, 3, 5)],
-        "bread + lettuce and patty bands": [(LETTUCE, 2, 4), (PATTY, 4, 6)],
+        "bread + a lettuce band": [(render.LETTUCE, 3, 5)],
+        "bread + a patty band": [(render.PATTY, 3, 5)],
+        "bread + a cheese band": [(render.CHEESE, 3, 5)],
+        "bread + lettuce and patty bands": [(render.LETTUCE, 2, 4), (render.PATTY, 4, 6)],
     }
     for name, b in bands.items():
         images = [with_bands(s, b) for s in scenes]

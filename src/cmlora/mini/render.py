@@ -113,11 +113,19 @@ def _background(s: Scene) -> np.ndarray:
     return img
 
 
+#: The burger's filling: lettuce, cheese, patty (`scripts/mini/diagnose_burger.py` paints them alone).
+LETTUCE, CHEESE, PATTY = (60, 180, 50), (245, 200, 40), (90, 45, 25)
+
+
+def object_center(s: Scene) -> tuple[int, int]:
+    """Where a scene's object sits: beside the figure, on its side, at a jittered height."""
+    return (9 if s.obj_side < 0 else 55), 48 + int(round(2 * s.jitter[2]))
+
+
 def _object(img: np.ndarray, s: Scene):
     if s.thing == "none":
         return
-    ox = 9 if s.obj_side < 0 else 55
-    oy = 48 + int(round(2 * s.jitter[2]))
+    ox, oy = object_center(s)
     if s.thing == "ball":
         _paint(img, _disk(ox, oy, 6), COLORS[s.thing_color])
     elif s.thing == "box":
@@ -137,9 +145,9 @@ def _object(img: np.ndarray, s: Scene):
     elif s.thing == "bread":  # dome bun; the burger fills it: lettuce, cheese, patty, sesame
         if "filling" in s.details:
             _paint(img, _disk(ox, oy - 1, 7) & (_Y <= oy - 1), (215, 150, 70))
-            _paint(img, _rect(ox - 7, oy - 1, ox + 7, oy + 1), (60, 180, 50))
-            _paint(img, _rect(ox - 6, oy + 1, ox + 6, oy + 2), (245, 200, 40))
-            _paint(img, _rect(ox - 7, oy + 2, ox + 7, oy + 5), (90, 45, 25))
+            _paint(img, _rect(ox - 7, oy - 1, ox + 7, oy + 1), LETTUCE)
+            _paint(img, _rect(ox - 6, oy + 1, ox + 6, oy + 2), CHEESE)
+            _paint(img, _rect(ox - 7, oy + 2, ox + 7, oy + 5), PATTY)
             _paint(img, _rect(ox - 6, oy + 5, ox + 6, oy + 8), (215, 150, 70))
             for dx in (-3, 0, 3):
                 _paint(img, _rect(ox + dx, oy - 5, ox + dx + 1, oy - 4), (250, 240, 210))

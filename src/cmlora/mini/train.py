@@ -197,8 +197,14 @@ def train_vae(work: str, steps: int, batch: int, n_images: int, seed: int = 0, n
         log(
             f"vae latent std {std:.3f} -> scaling_factor {1 / std:.4f}; train recon mse {F.mse_loss(rec, x).item():.4f}"
         )
-    vae.save_pretrained(os.path.join(work, "vae"), safe_serialization=True)
-    strip_build_paths(os.path.join(work, "vae"))
+    save_pretrained(vae, os.path.join(work, "vae"))
+
+
+def save_pretrained(model, folder: str) -> None:
+    """``model.save_pretrained`` (safetensors) with the build paths stripped from its configs: every
+    stage saves through here, so no saved config remembers where the stage ran."""
+    model.save_pretrained(folder, safe_serialization=True)
+    strip_build_paths(folder)
 
 
 def strip_build_paths(folder: str) -> None:
@@ -595,8 +601,7 @@ def train_base(
                 requires_safety_checker=False,
             )
             out = os.path.join(assets_dir(), "pipeline")
-            pipe.save_pretrained(out, safe_serialization=True)
-            strip_build_paths(out)
+            save_pretrained(pipe, out)
             log("saved pipeline (EMA) to", out)
             if step != steps - 1:
                 with torch.no_grad():

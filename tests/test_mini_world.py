@@ -242,6 +242,30 @@ def test_calibrate_graded_fits_the_map_on_the_heads_logits_of_those_images():
     assert "detectors_graded" in train.parser().parse_args(["detectors_graded"]).stage
 
 
+def test_judgement_recall_and_mean_graded_over_images():
+    """recall: the share of images whose category verdict is the concept; mean_graded: the mean of
+    graded_of over the images."""
+    import numpy as np
+
+    from cmlora.mini import detectors, world
+
+    n = 4
+    proba = {cat: np.zeros((n, len(detectors.CLASSES[cat])), np.float32) for cat in world.CATEGORIES}
+    for cat in world.CATEGORIES:
+        proba[cat][:, 0] = 1.0  # nothing detected
+    k = detectors.CLASSES["object"].index("object_2")
+    proba["object"][:3] = 0.0
+    proba["object"][:3, k] = [0.9, 0.6, 0.4]  # detected at >= 0.5: the first two
+    proba["object"][2, 0] = 0.6
+    graded = np.zeros((n, len(world.CONCEPT_IDS)), np.float32)
+    graded[:, world.CONCEPT_IDS.index("object_2")] = [0.1, 0.2, 0.3, 0.4]
+    j = detectors.Judgement(proba, graded, np.ones(n, np.float32))
+    assert [j.detected(i)["object"] for i in range(n)] == ["object_2", "object_2", None, None]
+    assert j.recall("object_2") == 0.5 and j.recall("object_1") == 0.0
+    assert j.mean_graded("object_2") == float(np.mean([j.graded_of(i, "object_2") for i in range(n)]))
+    assert j.mean_graded("object_1") == 0.0
+
+
 def test_judge_calls_noise_empty():
     from cmlora.mini.detectors import judge
     from cmlora.mini.train import noise_images

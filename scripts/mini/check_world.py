@@ -119,15 +119,6 @@ class Generator:
         return float(np.mean(cond)), float(np.mean(uncond))
 
 
-def recall(j: detectors.Judgement, cid: str) -> float:
-    cat = world.CONCEPT_BY_ID[cid]["category"]
-    return float(np.mean([j.detected(i)[cat] == cid for i in range(len(j.artifact))]))
-
-
-def graded(j: detectors.Judgement, cid: str) -> float:
-    return float(np.mean([j.graded_of(i, cid) for i in range(len(j.artifact))]))
-
-
 def se(x) -> float:
     x = np.asarray(x, float)
     return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
@@ -230,7 +221,7 @@ def check_judge(vae, n: int, out: dict, blend_images: int = 40) -> None:
                 render.blend(world.sample_scene(random.Random(92_000_000 + i), {cat: cid}), [cat], st)[0]
                 for i in range(blend_images)
             ]
-            curve.append(graded(detectors.judge(list(vae_roundtrip(vae, np.stack(imgs)))), cid))
+            curve.append(detectors.judge(list(vae_roundtrip(vae, np.stack(imgs)))).mean_graded(cid))
         curves[cid] = curve
         print(f"  blend {cid:13s} graded at {strengths}: {[round(c, 2) for c in curve]}")
     res["blend"] = curves
@@ -296,8 +287,8 @@ def check_base(gen: Generator, seeds, vae, out: dict) -> None:
         tag_imgs, _ = gen(world.tags_prompt([cid]), seeds)
         trig_imgs, _ = gen(world.trigger_prompt([cid]), seeds)
         rows[cid] = {
-            "graded_tags": graded(detectors.judge(tag_imgs), cid),
-            "recall_trigger": recall(detectors.judge(trig_imgs), cid),
+            "graded_tags": detectors.judge(tag_imgs).mean_graded(cid),
+            "recall_trigger": detectors.judge(trig_imgs).recall(cid),
         }
         render.grid(tag_imgs[:10] + trig_imgs[:10], cols=10).save(
             os.path.join(out["_dir"], f"base_{cid}.png")
@@ -321,13 +312,13 @@ def check_loras(gen: Generator, seeds, out: dict) -> None:
         for st in CRITERIA["strength"]:
             imgs, clipped = gen(world.trigger_prompt([cid]), seeds, ((cid, st),))
             verdict = detectors.judge(imgs)
-            row[f"recall_{st}"] = recall(verdict, cid)
+            row[f"recall_{st}"] = verdict.recall(cid)
             row[f"clipped_{st}"] = clipped
             if st == 1.0:
-                row["graded_1.0"] = graded(verdict, cid)
+                row["graded_1.0"] = verdict.mean_graded(cid)
                 render.grid(imgs[:10], cols=10).save(os.path.join(out["_dir"], f"lora_{cid}.png"))
         bare, _ = gen(world.BASE_PROMPT, seeds, ((cid, 1.0),))
-        row["recall_no_trigger"] = recall(detectors.judge(bare), cid)
+        row["recall_no_trigger"] = detectors.judge(bare).recall(cid)
         row["cond_change"], row["uncond_change"] = gen.prediction_change(cid, seeds)
         rows[cid] = row
         print(
@@ -354,7 +345,7 @@ def check_cross_talk(gen: Generator, seeds, out: dict) -> None:
         if world.CONCEPT_BY_ID[a]["category"] == world.CONCEPT_BY_ID[b]["category"]:
             continue
         imgs, _ = gen(world.trigger_prompt([a, b]), seeds, ((b, 1.0),))
-        rows[f"{a}+{b}"] = graded(detectors.judge(imgs), a)
+        rows[f"{a}+{b}"] = detectors.judge(imgs).mean_graded(a)
     share = float(np.mean([v >= CRITERIA["cross_talk"] for v in rows.values()]))
     ok = share >= CRITERIA["cross_talk_pairs"]
     out["cross_talk"] = {"graded_of_a": rows, "share": share, "ok": bool(ok)}

@@ -29,16 +29,12 @@ from cmlora.mini import detectors, render, world
 
 def rate(images: list[Image.Image]) -> tuple[float, float]:
     j = detectors.judge(images)
-    n = len(images)
-    return (
-        float(np.mean([j.detected(i)["object"] == "object_2" for i in range(n)])),
-        float(np.mean([j.graded_of(i, "object_2") for i in range(n)])),
-    )
+    return j.recall("object_2"), j.mean_graded("object_2")
 
 
-def save_grid(images: list[np.ndarray], path: str) -> None:
-    grid = np.concatenate([np.asarray(a)[..., :3] for a in images[:8]], axis=1)
-    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
+def save_grid(images: list[Image.Image], path: str) -> None:
+    g = render.grid(images[:8])
+    g.resize((g.width * 3, g.height * 3), Image.NEAREST).save(path)
 
 
 def bread_scenes(n: int) -> list[world.Scene]:
@@ -114,10 +110,7 @@ def main(argv=None) -> int:
         print(f"   {name:34s} burger {det:.2f}, graded {gr:.2f}")
 
     print("3. plain bread through the VAE")
-    x = (
-        torch.tensor(np.stack([render.render_array(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5
-        - 1
-    )
+    x = detectors.images_to_tensor([render.render_array(s) for s in scenes])
     with torch.no_grad():
         z = pipe.vae.encode(x).latent_dist.mean
         sd = z.std()

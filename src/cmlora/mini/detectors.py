@@ -161,6 +161,15 @@ class Judgement:
     def graded_of(self, i: int, concept: str) -> float:
         return float(self.graded[i, world.CONCEPT_IDS.index(concept)])
 
+    def recall(self, concept: str) -> float:
+        """The share of the images in which ``concept`` is detected."""
+        cat = world.CONCEPT_BY_ID[concept]["category"]
+        return float(np.mean([self.detected(i)[cat] == concept for i in range(len(self.artifact))]))
+
+    def mean_graded(self, concept: str) -> float:
+        """The mean graded score of ``concept`` over the images (summed in float64)."""
+        return float(self.graded[:, world.CONCEPT_IDS.index(concept)].astype(np.float64).mean())
+
 
 @torch.no_grad()
 def judge(images, net: DetectorNet | None = None, batch_size: int = 256) -> Judgement:

@@ -507,6 +507,18 @@ def test_lora_training_strength_is_the_strength_of_a_merge(tmp_path):
             ["--lora-strengths-for", "style", "half", "1"],
             "--lora-strengths-for style half 1: LO and HI must be numbers",
         ),
+        (
+            ["--lora-uncaptioned-for", "sunset", "1"],
+            "--lora-uncaptioned-for sunset: no such category or LoRA",
+        ),
+        (
+            ["--lora-uncaptioned-for", "background_1", "1.2"],
+            "--lora-uncaptioned-for background_1 1.2: SHARE must be a number between 0 and 1",
+        ),
+        (
+            ["--lora-uncaptioned-for", "background_1", "all"],
+            "--lora-uncaptioned-for background_1 all: SHARE must be a number between 0 and 1",
+        ),
     ],
 )
 def test_training_refuses_bad_options_before_writing(tmp_path, monkeypatch, capsys, extra, message):
@@ -622,6 +634,41 @@ def test_cli_strength_ranges_add_to_and_override_the_defaults(tmp_path, monkeypa
         "character_3": (0.6, 1.4),
     }
     assert seen["strengths"] == (0.5, 1.0)
+
+
+def test_uncaptioned_shares_per_lora_over_the_defaults(tmp_path, monkeypatch):
+    """The sunset's prior half is all empty prompts (rebuild try 22) and the others keep
+    --lora-uncaptioned; the command line's entries lay over the shipped table, a LoRA's own over its
+    category's."""
+    from cmlora.mini import train
+
+    assert train.UNCAPTIONED_SHARES == {"background_1": 1.0}
+    own = {"background": 0.7, "background_1": 1.0}
+    assert [train.for_lora(c, own, 0.5) for c in ("background_1", "background_2", "style_1")] == [
+        1.0,
+        0.7,
+        0.5,
+    ]
+    seen = {}
+    monkeypatch.setattr(train, "train_loras", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setenv("CMLORA_MINI_ASSETS", str(tmp_path / "assets"))
+    work = ["--work", str(tmp_path / "work")]
+    train.main(["loras", *work])
+    assert seen["uncaptioned_shares"] == {"background_1": 1.0}
+    assert seen["p_uncaptioned"] == 0.5
+    train.main(
+        [
+            "loras",
+            *work,
+            "--lora-uncaptioned-for",
+            "background_1",
+            "0.8",
+            "--lora-uncaptioned-for",
+            "style",
+            "0",
+        ]
+    )
+    assert seen["uncaptioned_shares"] == {"background_1": 0.8, "style": 0.0}
 
 
 def test_stage_all_makes_both_base_more_passes_and_the_stage_one(tmp_path, monkeypatch):

@@ -82,13 +82,26 @@ STRENGTH_RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+#: LoRAs whose prior half has another share of empty prompts than ``--lora-uncaptioned``, keyed as
+#: ``STRENGTH_RANGES``; ``--lora-uncaptioned-for`` adds or replaces entries. The sunset's LoRA moved the
+#: empty prompt's prediction more than any other (cond/uncond 1.80); a heavier prior fixed that but hid
+#: it at half strength (rebuild tries 17 and 18), while empty prompts alone in its prior half, which hold
+#: exactly what the criterion measures, fixed it and kept every strength (tries 21 and 22).
+UNCAPTIONED_SHARES: dict[str, float] = {"background_1": 1.0}
+
+
+def for_lora(lora_id: str, table: dict, default):
+    """A LoRA's own entry of a per-LoRA table, else its category's, else ``default``."""
+    category = world.CONCEPT_BY_ID[lora_id]["category"]
+    return table.get(lora_id, table.get(category, default))
+
+
 def lora_strength_range(
     lora_id: str, strengths: tuple[float, float], ranges: dict[str, tuple[float, float]]
 ) -> tuple[float, float]:
     """The range a LoRA draws its training strength from: its own, else its category's, else
     ``strengths``."""
-    category = world.CONCEPT_BY_ID[lora_id]["category"]
-    return tuple(ranges.get(lora_id, ranges.get(category, strengths)))
+    return tuple(for_lora(lora_id, ranges, strengths))
 
 
 def lora_schedule(category: str, offset_categories=NOISE_OFFSET_CATEGORIES) -> LoRASchedule:
@@ -721,6 +734,7 @@ def train_loras(
     conv_categories=CONV_CATEGORIES,
     offset_categories=NOISE_OFFSET_CATEGORIES,
     strength_ranges: dict[str, tuple[float, float]] | None = None,
+    uncaptioned_shares: dict[str, float] | None = None,
 ):
     """One kohya-style LoRA per concept: UNet attention/feed-forward (and conv for the categories in
     ``conv_categories``) plus text-encoder layers, trained on ``n_images`` renders of the concept that carry
@@ -735,10 +749,11 @@ def train_loras(
     ``strengths`` (lo, hi) other than (1, 1) draws each step's adapter strength from that range (both
     models, as a merge at a strength scales them), so that the concept shows from lo to hi;
     ``prior_at_top`` then trains the prior half at hi instead of the drawn strength.
-    ``strength_ranges`` gives some categories or LoRAs their own (lo, hi) (default ``STRENGTH_RANGES``).
+    ``strength_ranges`` gives some categories or LoRAs their own (lo, hi) (default ``STRENGTH_RANGES``),
+    ``uncaptioned_shares`` their own ``p_uncaptioned`` (default ``UNCAPTIONED_SHARES``).
     ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`). The command line's
     defaults are the shipped LoRAs' (strengths 0.5-1, own ranges in ``STRENGTH_RANGES`` by tries 12,
-    15 and 16, prior weight 4, half the prior captions empty: rebuild try 6 of docs/mini_world_tries.md,
+    15 and 16, prior weight 4, half the prior captions empty, the sunset's all (try 22): rebuild try 6 of docs/mini_world_tries.md,
     with try 8's 1,050 steps): trained only at full strength a LoRA has no headroom below it, and a
     light prior let the drawn strength move the empty prompt's prediction too."""
     from diffusers import StableDiffusionPipeline
@@ -760,6 +775,8 @@ def train_loras(
     half = batch // 2
     if strength_ranges is None:
         strength_ranges = STRENGTH_RANGES
+    if uncaptioned_shares is None:
+        uncaptioned_shares = UNCAPTIONED_SHARES
     for k, cid in enumerate(world.CONCEPT_IDS):
         if only and cid not in only:
             continue
@@ -768,6 +785,7 @@ def train_loras(
         cat = world.CONCEPT_BY_ID[cid]["category"]
         triggers = tuple(world.CONCEPT_BY_ID[cid]["trigger"])
         c_strengths = lora_strength_range(cid, strengths, strength_ranges)
+        c_uncaptioned = for_lora(cid, uncaptioned_shares, p_uncaptioned)
         drawn = c_strengths != (1.0, 1.0)  # else every step at full strength
         scenes = [
             world.sample_scene(random.Random(40_000_000 + 100_000 * k + i), {cat: cid}, p_traits=0.8)
@@ -810,7 +828,7 @@ def train_loras(
             ]
             caps += [
                 ""
-                if rng.random() < p_uncaptioned
+                if rng.random() < c_uncaptioned
                 else world.caption(reg_scenes[i], rng, p_drop=0.3, shuffle=True)
                 for i in ridx.tolist()
             ]
@@ -928,6 +946,17 @@ def parser() -> argparse.ArgumentParser:
         + ")",
     )
     ap.add_argument(
+        "--lora-uncaptioned-for",
+        nargs=2,
+        action="append",
+        default=None,
+        metavar=("KEY", "SHARE"),
+        help="KEY (a category, or one LoRA's id, which wins over its category) has SHARE of empty prompts "
+        "in its prior half instead of --lora-uncaptioned (repeat for more; default: "
+        + ", ".join(f"{k} {v:g}" for k, v in UNCAPTIONED_SHARES.items())
+        + ")",
+    )
+    ap.add_argument(
         "--lora-prior-at-top", action="store_true", help="train the prior half at HI, not the drawn strength"
     )
     ap.add_argument(
@@ -981,17 +1010,29 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         unknown = [c for c in categories if c not in world.CATEGORIES]
         if unknown:
             ap.error(f"{flag} {' '.join(unknown)}: no such category; use {' '.join(world.CATEGORIES)}")
-    for key, lo, hi in a.lora_strengths_for or []:
+
+    def check_key(flag: str, key: str) -> None:
         if key not in world.CATEGORIES and key not in world.CONCEPT_IDS:
             ap.error(
-                f"--lora-strengths-for {key}: no such category or LoRA; use a category "
+                f"{flag} {key}: no such category or LoRA; use a category "
                 f"({' '.join(world.CATEGORIES)}) or a LoRA id ({' '.join(world.CONCEPT_IDS)})"
             )
+
+    for key, lo, hi in a.lora_strengths_for or []:
+        check_key("--lora-strengths-for", key)
         try:
             lo_f, hi_f = float(lo), float(hi)
         except ValueError:
             ap.error(f"--lora-strengths-for {key} {lo} {hi}: LO and HI must be numbers (e.g. 0.5 1.5)")
         check_range(f"--lora-strengths-for {key}", lo_f, hi_f, "0.5 1.5")
+    for key, share in a.lora_uncaptioned_for or []:
+        check_key("--lora-uncaptioned-for", key)
+        try:
+            in_range = 0 <= float(share) <= 1
+        except ValueError:
+            in_range = False
+        if not in_range:
+            ap.error(f"--lora-uncaptioned-for {key} {share}: SHARE must be a number between 0 and 1 (e.g. 1)")
     unknown = [cid for cid in a.only or [] if cid not in world.CONCEPT_IDS]
     if unknown:
         ap.error(
@@ -1046,6 +1087,10 @@ def main(argv=None):
             strength_ranges={
                 **STRENGTH_RANGES,
                 **{key: (float(lo), float(hi)) for key, lo, hi in a.lora_strengths_for or []},
+            },
+            uncaptioned_shares={
+                **UNCAPTIONED_SHARES,
+                **{key: float(share) for key, share in a.lora_uncaptioned_for or []},
             },
         )
     if a.stage == "info":

@@ -754,8 +754,9 @@ def train_loras(
     ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`). The command line's
     defaults are the shipped LoRAs' (strengths 0.5-1, own ranges in ``STRENGTH_RANGES`` by tries 12,
     15 and 16, prior weight 4, half the prior captions empty and the sunset's all by try 22: rebuild
-    try 6 of docs/mini_world_tries.md, with try 8's 1,050 steps): trained only at full strength a LoRA has no headroom below it, and a
-    light prior let the drawn strength move the empty prompt's prediction too."""
+    try 6 of docs/mini_world_tries.md, with try 8's 1,050 steps): trained only at full strength a LoRA
+    has no headroom below it, and a light prior let the drawn strength move the empty prompt's
+    prediction too."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model
 

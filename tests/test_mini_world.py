@@ -245,9 +245,7 @@ def test_calibrate_graded_fits_the_map_on_the_heads_logits_of_those_images():
 def test_judgement_recall_and_mean_graded_over_images():
     """recall: the share of images whose category verdict is the concept; mean_graded: the mean of
     graded_of over the images."""
-    import numpy as np
-
-    from cmlora.mini import detectors, world
+    from cmlora.mini import detectors
 
     n = 4
     proba = {cat: np.zeros((n, len(detectors.CLASSES[cat])), np.float32) for cat in world.CATEGORIES}

@@ -3,9 +3,12 @@ change of the world (a retrained LoRA, another base) did to each method's recall
 
     python benchmarks/compare_quality_runs.py runs/quality_try16 runs/quality_try17
     python benchmarks/compare_quality_runs.py runs/q_before-n2 runs/q_after-n2 --json runs/diff.json
+    python benchmarks/compare_quality_runs.py --save-scores runs/quality_try26 scores.jsonl.gz
 
-A RUN is a scored run folder of `benchmarks/quality.py`, or the OUT of `quality_by_n.sh` (its
-``OUT-n<N>`` folders are read). Only images present in both runs are compared, and the runs must
+A RUN is a scored run folder of `benchmarks/quality.py`, the OUT of `quality_by_n.sh` (its
+``OUT-n<N>`` folders are read), or a file of per-image scores written by ``--save-scores``. Run
+folders live in the gitignored ``runs/`` and do not outlive a checkout; the shipped world's scores,
+saved beside its results, let a later world be compared with it without running its benchmark again. Only images present in both runs are compared, and the runs must
 share their keys exactly: a comparison of different image sets would not be paired. The change of
 the methods that apply LoRAs ("pooled") is averaged over those methods per composition and seed
 first, so that its standard error counts each (composition, seed) once, not once per method.
@@ -16,6 +19,7 @@ the judge too.
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib.util
 import json
 import statistics
@@ -54,13 +58,41 @@ def run_folders(run: Path) -> list[Path]:
 Key = tuple[str, int, str]  # composition, seed index, method
 
 
+#: What a comparison reads of an image's score; ``--save-scores`` keeps these alone.
+SCORE_FIELDS = ("recall", "graded", "artifact", "expected", "detected", "judge")
+
+
 def read_run(run: Path) -> dict[Key, dict]:
     """Per image key: recall, graded, artifact, the expected and detected concepts, the judge id."""
+    if run.is_file():
+        return read_scores(run)
     out: dict[Key, dict] = {}
     for folder in run_folders(run):
         for score, record in QUALITY.read_scored(folder):
             out[(record["composition_id"], record["seed_index"], record["method"])] = score
     return out
+
+
+def save_scores(scores: dict[Key, dict], path: Path) -> None:
+    """One JSON line per image, sorted, gzip without a timestamp: the same run saves the same bytes."""
+    lines = [
+        json.dumps({"key": list(key), **{f: scores[key][f] for f in SCORE_FIELDS}}, sort_keys=True)
+        for key in sorted(scores)
+    ]
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+        gz.write(("\n".join(lines) + "\n").encode())
+    tmp.replace(path)
+
+
+def read_scores(path: Path) -> dict[Key, dict]:
+    """The scores ``save_scores`` wrote."""
+    try:
+        with gzip.open(path, "rt") as f:
+            records = [json.loads(line) for line in f]
+        return {tuple(r.pop("key")): r for r in records}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a scores file of --save-scores ({exc})") from exc
 
 
 def _summary(diffs: list[float], before: list[float], after: list[float]) -> dict:
@@ -152,11 +184,32 @@ def markdown(result: dict, names: tuple[str, str]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("before", type=Path)
-    parser.add_argument("after", type=Path)
+    parser.add_argument("before", type=Path, nargs="?")
+    parser.add_argument("after", type=Path, nargs="?")
     parser.add_argument("--metric", default="recall", choices=("recall", "graded", "artifact"))
     parser.add_argument("--json", type=Path, help="also write the comparison here")
+    parser.add_argument(
+        "--save-scores",
+        nargs=2,
+        type=Path,
+        metavar=("RUN", "FILE"),
+        help="save RUN's per-image scores to FILE (.jsonl.gz), a RUN for later comparisons, and exit",
+    )
     args = parser.parse_args(argv)
+    if args.save_scores:
+        if args.before or args.after:
+            parser.error("--save-scores takes its RUN and FILE alone, without BEFORE and AFTER")
+        run, path = args.save_scores
+        try:
+            scores = read_run(run)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        save_scores(scores, path)
+        print(f"saved the scores of {len(scores)} images of {run} to {path}")
+        return 0
+    if not (args.before and args.after):
+        parser.error("give BEFORE and AFTER (two runs to compare), or --save-scores RUN FILE")
     try:
         result = compare(read_run(args.before), read_run(args.after), args.metric)
     except ValueError as exc:

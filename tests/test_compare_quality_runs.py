@@ -99,3 +99,30 @@ def test_markdown_and_json_name_the_judges_when_they_differ(tmp_path, capsys):
     assert "| merge | 2 | 0.750 | 1.000 | +0.250 +- 0.250 | +1.0 |" in text
     assert "scored by different judges: j1, j2" in text
     assert json.loads(out.read_text())["methods"]["merge"]["change"] == 0.25
+
+
+def test_saved_scores_compare_as_their_run_and_save_the_same_bytes(tmp_path, capsys):
+    cmp = _module()
+    _write_run(tmp_path / "one-n2", {("a", 0, "merge"): 0.5, ("a", 1, "merge"): 1.0})
+    _write_run(tmp_path / "two-n2", {("a", 0, "merge"): 1.0, ("a", 1, "merge"): 1.0})
+    saved, again = tmp_path / "one.jsonl.gz", tmp_path / "again.jsonl.gz"
+    assert cmp.main(["--save-scores", str(tmp_path / "one"), str(saved)]) == 0
+    assert "saved the scores of 2 images" in capsys.readouterr().out
+    assert cmp.main(["--save-scores", str(tmp_path / "one"), str(again)]) == 0
+    assert saved.read_bytes() == again.read_bytes()
+    assert not list(tmp_path.glob("*.part"))
+    from_file = cmp.compare(cmp.read_run(saved), cmp.read_run(tmp_path / "two"))
+    from_run = cmp.compare(cmp.read_run(tmp_path / "one"), cmp.read_run(tmp_path / "two"))
+    assert from_file == from_run
+    assert from_file["methods"]["merge"]["change"] == 0.25
+
+
+def test_a_file_that_is_no_scores_file_is_named(tmp_path, capsys):
+    cmp = _module()
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    _write_run(tmp_path / "two", {("a", 0, "merge"): 1.0})
+    assert cmp.main([str(bad), str(tmp_path / "two")]) == 2
+    assert "notes.txt is not a scores file of --save-scores" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cmp.main(["--save-scores", str(tmp_path / "two"), str(bad), str(tmp_path / "two")])

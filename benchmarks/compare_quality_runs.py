@@ -8,8 +8,9 @@ change of the world (a retrained LoRA, another base) did to each method's recall
 A RUN is a scored run folder of `benchmarks/quality.py`, the OUT of `quality_by_n.sh` (its
 ``OUT-n<N>`` folders are read), or a file of per-image scores written by ``--save-scores``. Run
 folders live in the gitignored ``runs/`` and do not outlive a checkout; the shipped world's scores,
-saved beside its results, let a later world be compared with it without running its benchmark again. Only images present in both runs are compared, and the runs must
-share their keys exactly: a comparison of different image sets would not be paired. The change of
+saved beside its results, let a later world be compared with it without running its benchmark again.
+Only images present in both runs are compared, and the runs must share their keys exactly: a
+comparison of different image sets would not be paired. The change of
 the methods that apply LoRAs ("pooled") is averaged over those methods per composition and seed
 first, so that its standard error counts each (composition, seed) once, not once per method.
 Different judges are allowed (a world with a new judge) but reported, since their scores differ by

@@ -10,9 +10,9 @@ A RUN is a scored run folder of `benchmarks/quality.py`, the OUT of `quality_by_
 folders live in the gitignored ``runs/`` and do not outlive a checkout; the shipped world's scores,
 saved beside its results, let a later world be compared with it without running its benchmark again.
 Only images present in both runs are compared, and the runs must share their keys exactly: a
-comparison of different image sets would not be paired. The change of
-the methods that apply LoRAs ("pooled") is averaged over those methods per composition and seed
-first, so that its standard error counts each (composition, seed) once, not once per method.
+comparison of different image sets would not be paired. The change of the methods that apply LoRAs
+("pooled") is averaged over those methods per composition and seed first, so that its standard
+error counts each (composition, seed) once, not once per method.
 Different judges are allowed (a world with a new judge) but reported, since their scores differ by
 the judge too.
 """
@@ -27,6 +27,8 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from cmlora.files import atomic_write_bytes
 
 #: Methods that apply no LoRA: left out of the pooled change (a world's LoRAs cannot move them).
 NO_LORA_METHODS = ("none",)
@@ -80,10 +82,7 @@ def save_scores(scores: dict[Key, dict], path: Path) -> None:
         json.dumps({"key": list(key), **{f: scores[key][f] for f in SCORE_FIELDS}}, sort_keys=True)
         for key in sorted(scores)
     ]
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
-        gz.write(("\n".join(lines) + "\n").encode())
-    tmp.replace(path)
+    atomic_write_bytes(path, gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0))
 
 
 def read_scores(path: Path) -> dict[Key, dict]:

@@ -31,6 +31,20 @@ def test_renderer_deterministic():
     assert not np.array_equal(np.asarray(render.sample(0)[0]), np.asarray(render.sample(1)[0]))
 
 
+def test_plain_bun_is_one_colour():
+    """A darker band on the plain bun, where the burger's patty sits, gave the judge its patty cue."""
+    s = world.Scene(thing="bread", bg_kind="plain", obj_side=1)
+    ox, oy = render.object_center(s)
+    y, x = np.mgrid[0 : world.SIZE, 0 : world.SIZE]
+    dome = ((x - ox) ** 2 + (y - oy - 3) ** 2 <= 49) & (y <= oy + 3)
+    band = (x >= ox - 7) & (x < ox + 7) & (y >= oy + 3) & (y < oy + 6)
+    pixels = render.render_float(s)[dome | band]
+    assert len(pixels) > 100
+    assert np.array_equal(np.unique(pixels, axis=0), np.asarray([render.BUN], np.float32))
+    burger = render.render_float(world.Scene(thing="bread", bg_kind="plain", details=("filling",)))
+    assert (burger == np.asarray(render.PATTY, np.float32)).all(axis=-1).sum() > 0
+
+
 def test_rebuild_copies_the_shipped_tokenizer_so_every_word_keeps_its_id(tmp_path):
     """Re-learnt with the ``tokenizers`` trainer, a word's id changed from process to process (seen:
     'box'), and with it the embedding the base trains: a rebuild copies the shipped tokenizer."""
@@ -635,12 +649,17 @@ def test_cli_strength_ranges_add_to_and_override_the_defaults(tmp_path, monkeypa
 
 
 def test_uncaptioned_shares_per_lora_over_the_defaults(tmp_path, monkeypatch):
-    """The sunset's prior half is all empty prompts (rebuild try 22) and the others keep
-    --lora-uncaptioned; the command line's entries lay over the shipped table, a LoRA's own over its
-    category's."""
+    """The sunset's prior half is all empty prompts (rebuild try 22), so are the checkerboard outfit's,
+    the flower's and the burger's (try 27), and the others keep --lora-uncaptioned; the command line's
+    entries lay over the shipped table, a LoRA's own over its category's."""
     from cmlora.mini import train
 
-    assert train.UNCAPTIONED_SHARES == {"background_1": 1.0}
+    assert train.UNCAPTIONED_SHARES == {
+        "background_1": 1.0,
+        "clothing_2": 1.0,
+        "object_1": 1.0,
+        "object_2": 1.0,
+    }
     own = {"background": 0.7, "background_1": 1.0}
     assert [train.for_lora(c, own, 0.5) for c in ("background_1", "background_2", "style_1")] == [
         1.0,

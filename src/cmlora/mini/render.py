@@ -115,6 +115,9 @@ def _background(s: Scene) -> np.ndarray:
 
 #: The burger's filling: lettuce, cheese, patty (`scripts/mini/diagnose_burger.py` paints them alone).
 LETTUCE, CHEESE, PATTY = (60, 180, 50), (245, 200, 40), (90, 45, 25)
+#: The bun, in one colour: a darker lower band on the plain bun sat where the burger's patty sits, so
+#: a roughly drawn bun carried the judge's patty cue (`scripts/mini/diagnose_burger.py`, try 24).
+BUN = (215, 150, 70)
 
 
 def object_center(s: Scene) -> tuple[int, int]:
@@ -144,16 +147,15 @@ def _object(img: np.ndarray, s: Scene):
         _paint(img, _disk(ox, fy, 2.0), (250, 200, 20))
     elif s.thing == "bread":  # dome bun; the burger fills it: lettuce, cheese, patty, sesame
         if "filling" in s.details:
-            _paint(img, _disk(ox, oy - 1, 7) & (_Y <= oy - 1), (215, 150, 70))
+            _paint(img, _disk(ox, oy - 1, 7) & (_Y <= oy - 1), BUN)
             _paint(img, _rect(ox - 7, oy - 1, ox + 7, oy + 1), LETTUCE)
             _paint(img, _rect(ox - 6, oy + 1, ox + 6, oy + 2), CHEESE)
             _paint(img, _rect(ox - 7, oy + 2, ox + 7, oy + 5), PATTY)
-            _paint(img, _rect(ox - 6, oy + 5, ox + 6, oy + 8), (215, 150, 70))
+            _paint(img, _rect(ox - 6, oy + 5, ox + 6, oy + 8), BUN)
             for dx in (-3, 0, 3):
                 _paint(img, _rect(ox + dx, oy - 5, ox + dx + 1, oy - 4), (250, 240, 210))
         else:
-            _paint(img, _disk(ox, oy + 3, 7) & (_Y <= oy + 3), (215, 150, 70))
-            _paint(img, _rect(ox - 7, oy + 3, ox + 7, oy + 6), (195, 130, 60))
+            _paint(img, (_disk(ox, oy + 3, 7) & (_Y <= oy + 3)) | _rect(ox - 7, oy + 3, ox + 7, oy + 6), BUN)
 
 
 def _shirt_fill(s: Scene) -> np.ndarray:

@@ -86,8 +86,15 @@ STRENGTH_RANGES: dict[str, tuple[float, float]] = {
 #: ``STRENGTH_RANGES``; ``--lora-uncaptioned-for`` adds or replaces entries. The sunset's LoRA moved the
 #: empty prompt's prediction more than any other (cond/uncond 1.80); a heavier prior fixed that but hid
 #: it at half strength (rebuild tries 17 and 18), while empty prompts alone in its prior half, which hold
-#: exactly what the criterion measures, fixed it and kept every strength (tries 21 and 22).
-UNCAPTIONED_SHARES: dict[str, float] = {"background_1": 1.0}
+#: exactly what the criterion measures, fixed it and kept every strength (tries 21 and 22). On the base
+#: of rebuild try 24 the same share let the checkerboard outfit and the flower show at half strength and
+#: the burger at 1.5 (try 27); on try 22's base it had cost merge interference (try 23).
+UNCAPTIONED_SHARES: dict[str, float] = {
+    "background_1": 1.0,
+    "clothing_2": 1.0,
+    "object_1": 1.0,
+    "object_2": 1.0,
+}
 
 
 def for_lora(lora_id: str, table: dict, default):
@@ -752,11 +759,11 @@ def train_loras(
     ``strength_ranges`` gives some categories or LoRAs their own (lo, hi) (default ``STRENGTH_RANGES``),
     ``uncaptioned_shares`` their own ``p_uncaptioned`` (default ``UNCAPTIONED_SHARES``).
     ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`). The command line's
-    defaults are the shipped LoRAs' (strengths 0.5-1, own ranges in ``STRENGTH_RANGES`` by tries 12,
-    15 and 16, prior weight 4, half the prior captions empty and the sunset's all by try 22: rebuild
-    try 6 of docs/mini_world_tries.md, with try 8's 1,050 steps): trained only at full strength a LoRA
-    has no headroom below it, and a light prior let the drawn strength move the empty prompt's
-    prediction too."""
+    defaults are the shipped LoRAs' (strengths 0.5-1, own ranges in ``STRENGTH_RANGES`` by tries 12, 15
+    and 16, prior weight 4, half the prior captions empty, all of them for the sunset by try 22 and for
+    three more LoRAs by try 27; rebuild try 6's recipe of docs/mini_world_tries.md with try 8's 1,050
+    steps): trained only at full strength a LoRA has no headroom below it, and a light prior let the
+    drawn strength move the empty prompt's prediction too."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model
 

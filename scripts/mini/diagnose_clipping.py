@@ -1,0 +1,55 @@
+"""Where the clipped pixels of the strength check come from: the VAE's round trip of each concept's
+own renders, or what the base and a LoRA generate.
+
+    python scripts/mini/diagnose_clipping.py --out clipping.json
+
+The check counts a LoRA at strength 1.5 only with < 5 % of decoded values outside [-1, 1], as a sign of
+overdrive. If the VAE already decodes a concept's clean renders outside that range, part of the count is
+the decoder's, not the LoRA's. Per concept (and for generic scenes): the share of decoded values outside
+[-1, 1] after encoding and decoding 40 renders (with the concept's incidental traits, as LoRA training
+data), and the share of render values at 0 or 255. Compare with ``clipped_*`` per strength in the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import numpy as np
+import torch
+
+from cmlora import files, mini
+from cmlora.mini import render, world
+
+
+@torch.no_grad()
+def round_trip_clipped(vae, arrays: list[np.ndarray]) -> tuple[float, float]:
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return float((y.abs() > 1).float().mean()), float((x.abs() >= 0.999).float().mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="JSON file for the shares")
+    ap.add_argument("--renders", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    vae = mini.load_pipeline().vae
+    rows = [("generic", None)] + [(c, {world.CONCEPT_BY_ID[c]["category"]: c}) for c in world.CONCEPT_IDS]
+    out = {"assets": mini.assets_dir(), "renders": a.renders, "concepts": {}}
+    for name, concepts in rows:
+        scenes = [
+            world.sample_scene(random.Random(9_000_000 + s), concepts, 0.0, 1.0 if concepts else 0.0)
+            for s in range(a.renders)
+        ]
+        decoded, extreme = round_trip_clipped(vae, [render.render_array(s) for s in scenes])
+        out["concepts"][name] = {"decoded_clipped": decoded, "render_extreme": extreme}
+        print(f"{name:14s} decoded outside [-1, 1] {decoded:6.2%}   render values at 0/255 {extreme:6.2%}")
+    files.atomic_write_bytes(a.out, (json.dumps(out, indent=1) + "\n").encode())
+
+
+if __name__ == "__main__":
+    main()

@@ -21,11 +21,12 @@ import torch
 
 from cmlora import files, mini
 from cmlora.mini import render, world
+from cmlora.mini.train import u8_to_t
 
 
 @torch.no_grad()
 def round_trip_clipped(vae, arrays: list[np.ndarray]) -> tuple[float, float]:
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = u8_to_t(np.stack(arrays))
     y = vae.decode(vae.encode(x).latent_dist.mean).sample
     return float((y.abs() > 1).float().mean()), float((x.abs() >= 0.999).float().mean())
 

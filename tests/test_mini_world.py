@@ -500,6 +500,25 @@ def test_lora_training_strength_is_the_strength_of_a_merge(tmp_path):
     assert not torch.allclose(trained, full, atol=1e-3)
 
 
+def test_merge_gives_the_text_encoder_its_own_weight():
+    """An entry (path, w, te_w) merges the UNet's layers as (path, w) does and the text encoder's as
+    (path, te_w) does, bit for bit: the overdrive diagnosis reads each half's curve from it."""
+    from cmlora.mini.lora_utils import merged_models
+
+    pipe = mini.load_pipeline()
+    path = mini.lora_path("character_2")
+    unet_s, te_s = merged_models(pipe.unet, pipe.text_encoder, [(path, 1.5, 0.5)])
+    unet_15, te_15 = merged_models(pipe.unet, pipe.text_encoder, [(path, 1.5)])
+    unet_05, te_05 = merged_models(pipe.unet, pipe.text_encoder, [(path, 0.5)])
+    for split, ref in ((unet_s, unet_15), (te_s, te_05)):
+        for (name, a), (_, b) in zip(split.state_dict().items(), ref.state_dict().items(), strict=True):
+            assert torch.equal(a, b), name
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(te_s.state_dict().values(), te_15.state_dict().values(), strict=True)
+    )
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -536,6 +555,12 @@ def test_lora_training_strength_is_the_strength_of_a_merge(tmp_path):
         (
             ["--lora-uncaptioned-for", "background_1", "all"],
             "--lora-uncaptioned-for background_1 all: SHARE must be a number between 0 and 1",
+        ),
+        (["--lora-unet-lr-for", "flower", "1.5"], "--lora-unet-lr-for flower: no such category or LoRA"),
+        (["--lora-unet-lr-for", "object_1", "0"], "--lora-unet-lr-for object_1 0: FACTOR must be a positive"),
+        (
+            ["--lora-unet-lr-for", "object", "fast"],
+            "--lora-unet-lr-for object fast: FACTOR must be a positive",
         ),
     ],
 )
@@ -692,6 +717,28 @@ def test_uncaptioned_shares_per_lora_over_the_defaults(tmp_path, monkeypatch):
         ]
     )
     assert seen["uncaptioned_shares"] == {**train.UNCAPTIONED_SHARES, "background_1": 0.8, "style": 0.0}
+
+
+def test_unet_lr_factor_per_lora_over_the_defaults(tmp_path, monkeypatch):
+    """The command line's UNet learning-rate factors lay over the shipped table; the schedule runs a
+    group with an ``lr_factor`` at that multiple of every step's rate, and a group without one at it."""
+    from cmlora.mini import train
+
+    seen = {}
+    monkeypatch.setattr(train, "train_loras", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setenv("CMLORA_MINI_ASSETS", str(tmp_path / "assets"))
+    work = ["--work", str(tmp_path / "work")]
+    train.main(["loras", *work])
+    assert seen["unet_lr_factors"] == train.UNET_LR_FACTORS
+    train.main(
+        ["loras", *work, "--lora-unet-lr-for", "object_1", "1.5", "--lora-unet-lr-for", "style", "0.5"]
+    )
+    assert seen["unet_lr_factors"] == {**train.UNET_LR_FACTORS, "object_1": 1.5, "style": 0.5}
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [a], "lr_factor": 1.5}, {"params": [b]}], lr=1.0)
+    for step in (0, 29, 500, 1574):
+        lr = train.cosine_lr(opt, step, 1575, 1e-3, warmup=30)
+        assert [g["lr"] for g in opt.param_groups] == [lr * 1.5, lr]
 
 
 def test_stage_all_makes_both_base_more_passes_and_the_stage_one(tmp_path, monkeypatch):

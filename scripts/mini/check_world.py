@@ -62,7 +62,7 @@ class Generator:
         if loras not in self._cache:
             if len(self._cache) > 4:
                 self._cache.clear()
-            paths = [(mini.lora_path(cid), w) for cid, w in loras]
+            paths = [(mini.lora_path(cid), *weights) for cid, *weights in loras]
             self._cache[loras] = lora_utils.merged_models(self.unet, self.te, paths)
         return self._cache[loras]
 

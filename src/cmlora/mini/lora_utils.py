@@ -25,8 +25,9 @@ def module_index(model: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Modu
     return {prefix + n.replace(".", "_"): m for n, m in model.named_modules() if n}
 
 
-def lora_deltas(path: str, unet, text_encoder=None, weight: float = 1.0):
-    """[(module, delta_weight)] for every module the file names."""
+def lora_deltas(path: str, unet, text_encoder=None, weight: float = 1.0, te_weight: float | None = None):
+    """[(module, delta_weight)] for every module the file names; ``te_weight`` (default ``weight``)
+    scales the text encoder's modules on their own, so a diagnosis can tell which half overdrives."""
     idx = module_index(unet, "lora_unet_")
     if text_encoder is not None:
         idx.update(module_index(text_encoder, "lora_te_"))
@@ -40,7 +41,8 @@ def lora_deltas(path: str, unet, text_encoder=None, weight: float = 1.0):
         down, up = t["down"].float(), t["up"].float()
         rank = down.shape[0]
         alpha = float(t["alpha"]) if "alpha" in t else float(rank)
-        delta = (up.flatten(1) @ down.flatten(1)).reshape(mod.weight.shape) * (alpha / rank) * weight
+        w = te_weight if te_weight is not None and key.startswith("lora_te") else weight
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(mod.weight.shape) * (alpha / rank) * w
         out.append((mod, delta))
     return out
 
@@ -56,11 +58,12 @@ def merged_unet(unet, loras: list[tuple[str, float]]):
 
 
 @torch.no_grad()
-def merged_models(unet, text_encoder, loras: list[tuple[str, float]]):
+def merged_models(unet, text_encoder, loras: list[tuple]):
     """Deep copies of ``unet`` and ``text_encoder`` with the (path, weight) LoRAs merged in: the
-    mini world's own check of its LoRAs, independent of cmlora's engine."""
+    mini world's own check of its LoRAs, independent of cmlora's engine. An entry (path, weight,
+    te_weight) gives the text encoder's layers their own weight."""
     u, te = copy.deepcopy(unet), copy.deepcopy(text_encoder)
-    for path, w in loras:
-        for mod, delta in lora_deltas(path, u, te, w):
+    for path, w, *te_w in loras:
+        for mod, delta in lora_deltas(path, u, te, w, *te_w):
             mod.weight.add_(delta.to(mod.weight.dtype))
     return u, te

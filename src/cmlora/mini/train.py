@@ -97,6 +97,12 @@ UNCAPTIONED_SHARES: dict[str, float] = {
 }
 
 
+#: LoRAs whose UNet layers learn at another rate than their text-encoder layers (kohya's ``--unet_lr``
+#: beside ``--text_encoder_lr``), as a factor on the LoRA's learning rate, keyed as ``STRENGTH_RANGES``;
+#: ``--lora-unet-lr-for`` adds or replaces entries. Empty: both halves learn at one rate.
+UNET_LR_FACTORS: dict[str, float] = {}
+
+
 def for_lora(lora_id: str, table: dict, default):
     """A LoRA's own entry of a per-LoRA table, else its category's, else ``default``."""
     category = world.CONCEPT_BY_ID[lora_id]["category"]
@@ -154,10 +160,11 @@ def near_miss_pool(n: int, seed0: int):
 
 
 def cosine_lr(opt, step, total, base_lr, warmup=100):
+    """Warm-up then cosine decay; a parameter group with an ``lr_factor`` runs at that multiple."""
     lr = base_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
     lr = max(lr, base_lr * 0.05)
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_factor", 1.0)
     return lr
 
 
@@ -742,6 +749,7 @@ def train_loras(
     offset_categories=NOISE_OFFSET_CATEGORIES,
     strength_ranges: dict[str, tuple[float, float]] | None = None,
     uncaptioned_shares: dict[str, float] | None = None,
+    unet_lr_factors: dict[str, float] | None = None,
 ):
     """One kohya-style LoRA per concept: UNet attention/feed-forward (and conv for the categories in
     ``conv_categories``) plus text-encoder layers, trained on ``n_images`` renders of the concept that carry
@@ -757,7 +765,8 @@ def train_loras(
     models, as a merge at a strength scales them), so that the concept shows from lo to hi;
     ``prior_at_top`` then trains the prior half at hi instead of the drawn strength.
     ``strength_ranges`` gives some categories or LoRAs their own (lo, hi) (default ``STRENGTH_RANGES``),
-    ``uncaptioned_shares`` their own ``p_uncaptioned`` (default ``UNCAPTIONED_SHARES``).
+    ``uncaptioned_shares`` their own ``p_uncaptioned`` (default ``UNCAPTIONED_SHARES``), ``unet_lr_factors``
+    a factor on their UNet layers' learning rate (default ``UNET_LR_FACTORS``).
     ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`). The command line's
     defaults are the shipped LoRAs' (strengths 0.5-1, own ranges in ``STRENGTH_RANGES`` by tries 12, 15
     and 16, prior weight 4, half the prior captions empty, all of them for the sunset by try 22 and for
@@ -785,6 +794,8 @@ def train_loras(
         strength_ranges = STRENGTH_RANGES
     if uncaptioned_shares is None:
         uncaptioned_shares = UNCAPTIONED_SHARES
+    if unet_lr_factors is None:
+        unet_lr_factors = UNET_LR_FACTORS
     for k, cid in enumerate(world.CONCEPT_IDS):
         if only and cid not in only:
             continue
@@ -808,10 +819,17 @@ def train_loras(
             copy.deepcopy(pipe.text_encoder).requires_grad_(False),
             LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_TARGETS),
         )
-        params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
+        unet_params, te_params = ([p for p in m.parameters() if p.requires_grad] for m in (unet, te))
         schedule = lora_schedule(cat, offset_categories)
         c_steps, c_lr = round(steps * schedule.steps), lr * schedule.lr
-        opt = torch.optim.AdamW(params, lr=c_lr, weight_decay=0.0)
+        unet_lr = for_lora(cid, unet_lr_factors, 1.0)
+        # One group when both halves share the rate, so that the shipped LoRAs train as before.
+        groups = (
+            [{"params": unet_params + te_params}]
+            if unet_lr == 1.0
+            else [{"params": unet_params, "lr_factor": unet_lr}, {"params": te_params}]
+        )
+        opt = torch.optim.AdamW(groups, lr=c_lr, weight_decay=0.0)
         g = torch.Generator().manual_seed(cseed)
         rng = random.Random(cseed)
         t0 = time.time()
@@ -965,6 +983,17 @@ def parser() -> argparse.ArgumentParser:
         + ")",
     )
     ap.add_argument(
+        "--lora-unet-lr-for",
+        nargs=2,
+        action="append",
+        default=None,
+        metavar=("KEY", "FACTOR"),
+        help="KEY (a category, or one LoRA's id, which wins over its category) trains its UNet layers at "
+        "FACTOR times the learning rate of its text-encoder layers (repeat for more; default: "
+        + (", ".join(f"{k} {v:g}" for k, v in UNET_LR_FACTORS.items()) or "none")
+        + ")",
+    )
+    ap.add_argument(
         "--lora-prior-at-top", action="store_true", help="train the prior half at HI, not the drawn strength"
     )
     ap.add_argument(
@@ -1041,6 +1070,14 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             in_range = False
         if not in_range:
             ap.error(f"--lora-uncaptioned-for {key} {share}: SHARE must be a number between 0 and 1 (e.g. 1)")
+    for key, factor in a.lora_unet_lr_for or []:
+        check_key("--lora-unet-lr-for", key)
+        try:
+            positive = float(factor) > 0
+        except ValueError:
+            positive = False
+        if not positive:
+            ap.error(f"--lora-unet-lr-for {key} {factor}: FACTOR must be a positive number (e.g. 1.5)")
     unknown = [cid for cid in a.only or [] if cid not in world.CONCEPT_IDS]
     if unknown:
         ap.error(
@@ -1099,6 +1136,10 @@ def main(argv=None):
             uncaptioned_shares={
                 **UNCAPTIONED_SHARES,
                 **{key: float(share) for key, share in a.lora_uncaptioned_for or []},
+            },
+            unet_lr_factors={
+                **UNET_LR_FACTORS,
+                **{key: float(factor) for key, factor in a.lora_unet_lr_for or []},
             },
         )
     if a.stage == "info":

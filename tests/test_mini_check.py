@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -98,3 +100,22 @@ def test_per_concept_counts_use_the_criteria_at_their_boundaries(tmp_path):
     assert "partial knowledge (both halves): 1 of 3 ['a']" in done.stdout
     assert "cond_uncond: 3 of 4 ['ok', 'weak', 'clipped']" in done.stdout
     assert not (tmp_path / "check").exists()  # summarizing generates nothing
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--factors", "0.8"], "--factors 0.8: give positive pairs UNET:TE"),
+        (["--factors", "a:b"], "--factors a:b: give positive pairs UNET:TE"),
+        (["--loras", "flower"], "--loras flower: no such LoRA"),
+    ],
+)
+def test_overdrive_diagnosis_refuses_bad_options_before_writing(tmp_path, extra, message):
+    out = tmp_path / "o.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "mini" / "diagnose_overdrive.py"), "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not out.exists()

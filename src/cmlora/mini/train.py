@@ -903,6 +903,26 @@ def train_loras(
         log(f"saved {cid}: {len(sd)} tensors")
 
 
+def per_lora_number(
+    ap: argparse.ArgumentParser, flag: str, name: str, table: dict[str, float], what: str
+) -> None:
+    """A repeatable KEY NUMBER option that lays entries over a shipped per-LoRA table."""
+    ap.add_argument(
+        flag,
+        nargs=2,
+        action="append",
+        default=None,
+        metavar=("KEY", name),
+        help=f"KEY (a category, or one LoRA's id, which wins over its category) {what} (repeat for more; "
+        f"default: {', '.join(f'{k} {v:g}' for k, v in table.items()) or 'none'})",
+    )
+
+
+def overlay(table: dict[str, float], entries) -> dict[str, float]:
+    """The shipped table with the command line's KEY NUMBER entries laid over it."""
+    return {**table, **{key: float(value) for key, value in entries or []}}
+
+
 def parser() -> argparse.ArgumentParser:
     """The stages' options; `scripts/mini/time_stages.sh` reads the default step counts from it."""
     ap = argparse.ArgumentParser(prog="python -m cmlora.mini.train")
@@ -971,27 +991,19 @@ def parser() -> argparse.ArgumentParser:
         + ", ".join(f"{c} {lo:g} {hi:g}" for c, (lo, hi) in STRENGTH_RANGES.items())
         + ")",
     )
-    ap.add_argument(
+    per_lora_number(
+        ap,
         "--lora-uncaptioned-for",
-        nargs=2,
-        action="append",
-        default=None,
-        metavar=("KEY", "SHARE"),
-        help="KEY (a category, or one LoRA's id, which wins over its category) has SHARE of empty prompts "
-        "in its prior half instead of --lora-uncaptioned (repeat for more; default: "
-        + ", ".join(f"{k} {v:g}" for k, v in UNCAPTIONED_SHARES.items())
-        + ")",
+        "SHARE",
+        UNCAPTIONED_SHARES,
+        "has SHARE of empty prompts in its prior half instead of --lora-uncaptioned",
     )
-    ap.add_argument(
+    per_lora_number(
+        ap,
         "--lora-unet-lr-for",
-        nargs=2,
-        action="append",
-        default=None,
-        metavar=("KEY", "FACTOR"),
-        help="KEY (a category, or one LoRA's id, which wins over its category) trains its UNet layers at "
-        "FACTOR times the learning rate of its text-encoder layers (repeat for more; default: "
-        + (", ".join(f"{k} {v:g}" for k, v in UNET_LR_FACTORS.items()) or "none")
-        + ")",
+        "FACTOR",
+        UNET_LR_FACTORS,
+        "trains its UNet layers at FACTOR times the learning rate of its text-encoder layers",
     )
     ap.add_argument(
         "--lora-prior-at-top", action="store_true", help="train the prior half at HI, not the drawn strength"
@@ -1133,14 +1145,8 @@ def main(argv=None):
                 **STRENGTH_RANGES,
                 **{key: (float(lo), float(hi)) for key, lo, hi in a.lora_strengths_for or []},
             },
-            uncaptioned_shares={
-                **UNCAPTIONED_SHARES,
-                **{key: float(share) for key, share in a.lora_uncaptioned_for or []},
-            },
-            unet_lr_factors={
-                **UNET_LR_FACTORS,
-                **{key: float(factor) for key, factor in a.lora_unet_lr_for or []},
-            },
+            uncaptioned_shares=overlay(UNCAPTIONED_SHARES, a.lora_uncaptioned_for),
+            unet_lr_factors=overlay(UNET_LR_FACTORS, a.lora_unet_lr_for),
         )
     if a.stage == "info":
         write_info()

@@ -562,6 +562,12 @@ def test_merge_gives_the_text_encoder_its_own_weight():
             ["--lora-unet-lr-for", "object", "fast"],
             "--lora-unet-lr-for object fast: FACTOR must be a positive",
         ),
+        (["--lora-max-norm-for", "catgirl", "1"], "--lora-max-norm-for catgirl: no such category or LoRA"),
+        (
+            ["--lora-max-norm-for", "character_2", "-1"],
+            "--lora-max-norm-for character_2 -1: NORM must be a positive",
+        ),
+        (["--lora-max-norm-for", "style", "none"], "--lora-max-norm-for style none: NORM must be a positive"),
     ],
 )
 def test_training_refuses_bad_options_before_writing(tmp_path, monkeypatch, capsys, extra, message):
@@ -734,11 +740,59 @@ def test_unet_lr_factor_per_lora_over_the_defaults(tmp_path, monkeypatch):
         ["loras", *work, "--lora-unet-lr-for", "object_1", "1.5", "--lora-unet-lr-for", "style", "0.5"]
     )
     assert seen["unet_lr_factors"] == {**train.UNET_LR_FACTORS, "object_1": 1.5, "style": 0.5}
+    assert seen["max_norms"] == train.MAX_NORMS
+    train.main(
+        ["loras", *work, "--lora-max-norm-for", "character_2", "1", "--lora-max-norm-for", "style", "2"]
+    )
+    assert seen["max_norms"] == {**train.MAX_NORMS, "character_2": 1.0, "style": 2.0}
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([{"params": [a], "lr_factor": 1.5}, {"params": [b]}], lr=1.0)
     for step in (0, 29, 500, 1574):
         lr = train.cosine_lr(opt, step, 1575, 1e-3, warmup=30)
         assert [g["lr"] for g in opt.param_groups] == [lr * 1.5, lr]
+
+
+def test_max_norm_scales_only_layers_over_the_bound_measured_at_strength_one():
+    """kohya's rule on peft layers: a linear and a 3x3 conv layer whose change at strength 1 exceeds the
+    bound end exactly at it, each factor scaled by the same root; a layer under it keeps its bits; the
+    adapter's current strength (set for a training step) does not change what is measured."""
+    from peft import LoraConfig, get_peft_model
+
+    from cmlora.mini.train import apply_max_norm, set_lora_strength
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.big = torch.nn.Linear(6, 5)
+            self.small = torch.nn.Linear(6, 5)
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Tiny(), LoraConfig(r=2, lora_alpha=4, target_modules=["big", "small", "conv"]))
+    layers = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    for name, gain in (("big", 3.0), ("small", 0.01), ("conv", 2.0)):
+        torch.nn.init.normal_(layers[name].lora_B["default"].weight, std=gain)
+
+    def norm(name):  # at strength 1: alpha / r = 2
+        mod = layers[name]
+        return float(mod.get_delta_weight("default").norm()) * 2.0 / mod.scaling["default"]
+
+    assert norm("big") > 1 and norm("conv") > 1 and norm("small") < 1
+    small = [
+        p.detach().clone()
+        for p in (layers["small"].lora_A["default"].weight, layers["small"].lora_B["default"].weight)
+    ]
+    before = layers["big"].lora_A["default"].weight.detach().clone(), norm("big")
+    set_lora_strength([model], 1.7)
+    assert apply_max_norm([model], 1.0) == 2
+    assert norm("big") == pytest.approx(1.0, rel=1e-5) and norm("conv") == pytest.approx(1.0, rel=1e-5)
+    root = (1.0 / before[1]) ** 0.5
+    assert torch.allclose(layers["big"].lora_A["default"].weight, before[0] * root)
+    assert torch.equal(layers["small"].lora_A["default"].weight, small[0])
+    assert torch.equal(layers["small"].lora_B["default"].weight, small[1])
+    apply_max_norm([model], 1.0)  # at the bound already: at most float rounding moves
+    assert norm("big") == pytest.approx(1.0, rel=1e-5) and norm("conv") == pytest.approx(1.0, rel=1e-5)
+    assert torch.equal(layers["small"].lora_B["default"].weight, small[1])
 
 
 def test_stage_all_makes_both_base_more_passes_and_the_stage_one(tmp_path, monkeypatch):

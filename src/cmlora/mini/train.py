@@ -103,6 +103,12 @@ UNCAPTIONED_SHARES: dict[str, float] = {
 UNET_LR_FACTORS: dict[str, float] = {}
 
 
+#: LoRAs whose every layer's weight change is held to a Frobenius norm (kohya's ``--scale_weight_norms``,
+#: `apply_max_norm`), keyed as ``STRENGTH_RANGES``; ``--lora-max-norm-for`` adds or replaces entries.
+#: Empty: no bound.
+MAX_NORMS: dict[str, float] = {}
+
+
 def for_lora(lora_id: str, table: dict, default):
     """A LoRA's own entry of a per-LoRA table, else its category's, else ``default``."""
     category = world.CONCEPT_BY_ID[lora_id]["category"]
@@ -709,6 +715,29 @@ def set_lora_strength(models, strength: float) -> None:
 
 
 @torch.no_grad()
+def apply_max_norm(models, max_norm: float) -> int:
+    """kohya's max-norm regularization on peft layers: a layer whose weight change at strength 1 (up @
+    down x alpha / rank) has a Frobenius norm above ``max_norm`` gets both factors scaled by the square
+    root of the ratio, which brings it to ``max_norm``. Run after each step, it keeps a few layers from
+    carrying a LoRA alone, the kind of LoRA a merge above strength 1 overdrives. Returns the number of
+    layers scaled."""
+    from peft.tuners.lora import LoraLayer
+
+    scaled = 0
+    for model in models:
+        for mod in model.modules():
+            if isinstance(mod, LoraLayer) and "default" in mod.lora_A:
+                unit = mod.lora_alpha["default"] / mod.r["default"]
+                norm = float(mod.get_delta_weight("default").norm()) * unit / mod.scaling["default"]
+                if norm > max_norm:
+                    root = (max_norm / norm) ** 0.5
+                    mod.lora_A["default"].weight.mul_(root)
+                    mod.lora_B["default"].weight.mul_(root)
+                    scaled += 1
+    return scaled
+
+
+@torch.no_grad()
 def base_prediction(unet, te, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The frozen base model's noise prediction, from the peft-wrapped models with their adapters
     off: the prior-preservation target of ``train_loras``."""
@@ -750,6 +779,7 @@ def train_loras(
     strength_ranges: dict[str, tuple[float, float]] | None = None,
     uncaptioned_shares: dict[str, float] | None = None,
     unet_lr_factors: dict[str, float] | None = None,
+    max_norms: dict[str, float] | None = None,
 ):
     """One kohya-style LoRA per concept: UNet attention/feed-forward (and conv for the categories in
     ``conv_categories``) plus text-encoder layers, trained on ``n_images`` renders of the concept that carry
@@ -766,7 +796,8 @@ def train_loras(
     ``prior_at_top`` then trains the prior half at hi instead of the drawn strength.
     ``strength_ranges`` gives some categories or LoRAs their own (lo, hi) (default ``STRENGTH_RANGES``),
     ``uncaptioned_shares`` their own ``p_uncaptioned`` (default ``UNCAPTIONED_SHARES``), ``unet_lr_factors``
-    a factor on their UNet layers' learning rate (default ``UNET_LR_FACTORS``).
+    a factor on their UNet layers' learning rate (default ``UNET_LR_FACTORS``), ``max_norms`` a bound
+    on each layer's weight change (`apply_max_norm`; default ``MAX_NORMS``).
     ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`). The command line's
     defaults are the shipped LoRAs' (strengths 0.5-1, own ranges in ``STRENGTH_RANGES`` by tries 12, 15
     and 16, prior weight 4, half the prior captions empty, all of them for the sunset by try 22 and for
@@ -796,6 +827,8 @@ def train_loras(
         uncaptioned_shares = UNCAPTIONED_SHARES
     if unet_lr_factors is None:
         unet_lr_factors = UNET_LR_FACTORS
+    if max_norms is None:
+        max_norms = MAX_NORMS
     for k, cid in enumerate(world.CONCEPT_IDS):
         if only and cid not in only:
             continue
@@ -823,6 +856,8 @@ def train_loras(
         schedule = lora_schedule(cat, offset_categories)
         c_steps, c_lr = round(steps * schedule.steps), lr * schedule.lr
         unet_lr = for_lora(cid, unet_lr_factors, 1.0)
+        max_norm = for_lora(cid, max_norms, None)
+        n_scaled = 0
         # One group when both halves share the rate, so that the shipped LoRAs train as before.
         groups = (
             [{"params": unet_params + te_params}]
@@ -884,9 +919,12 @@ def train_loras(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if max_norm is not None:
+                n_scaled = apply_max_norm((unet, te), max_norm)
             run = loss.item() if step == 0 else 0.95 * run + 0.05 * loss.item()
             if step % 50 == 0 or step == c_steps - 1:
-                log(f"lora {cid} step {step} loss {run:.4f} {time.time() - t0:.0f}s")
+                bound = "" if max_norm is None else f" layers at the max norm {n_scaled}"
+                log(f"lora {cid} step {step} loss {run:.4f}{bound} {time.time() - t0:.0f}s")
         set_lora_strength((unet, te), 1.0)
         sd = kohya_state_dict(unet, "lora_unet_", rank, float(rank))
         sd.update(
@@ -1005,6 +1043,14 @@ def parser() -> argparse.ArgumentParser:
         UNET_LR_FACTORS,
         "trains its UNet layers at FACTOR times the learning rate of its text-encoder layers",
     )
+    per_lora_number(
+        ap,
+        "--lora-max-norm-for",
+        "NORM",
+        MAX_NORMS,
+        "holds each layer's weight change to a Frobenius norm of NORM after every step (kohya's "
+        "--scale_weight_norms)",
+    )
     ap.add_argument(
         "--lora-prior-at-top", action="store_true", help="train the prior half at HI, not the drawn strength"
     )
@@ -1082,14 +1128,18 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             in_range = False
         if not in_range:
             ap.error(f"--lora-uncaptioned-for {key} {share}: SHARE must be a number between 0 and 1 (e.g. 1)")
-    for key, factor in a.lora_unet_lr_for or []:
-        check_key("--lora-unet-lr-for", key)
-        try:
-            positive = float(factor) > 0
-        except ValueError:
-            positive = False
-        if not positive:
-            ap.error(f"--lora-unet-lr-for {key} {factor}: FACTOR must be a positive number (e.g. 1.5)")
+    for flag, name, example, entries in (
+        ("--lora-unet-lr-for", "FACTOR", "1.5", a.lora_unet_lr_for),
+        ("--lora-max-norm-for", "NORM", "1", a.lora_max_norm_for),
+    ):
+        for key, value in entries or []:
+            check_key(flag, key)
+            try:
+                positive = float(value) > 0
+            except ValueError:
+                positive = False
+            if not positive:
+                ap.error(f"{flag} {key} {value}: {name} must be a positive number (e.g. {example})")
     unknown = [cid for cid in a.only or [] if cid not in world.CONCEPT_IDS]
     if unknown:
         ap.error(
@@ -1147,6 +1197,7 @@ def main(argv=None):
             },
             uncaptioned_shares=overlay(UNCAPTIONED_SHARES, a.lora_uncaptioned_for),
             unet_lr_factors=overlay(UNET_LR_FACTORS, a.lora_unet_lr_for),
+            max_norms=overlay(MAX_NORMS, a.lora_max_norm_for),
         )
     if a.stage == "info":
         write_info()

@@ -1,5 +1,6 @@
 """The mini world's acceptance check (scripts/mini/check_world.py) at smoke size, as a user runs it."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -119,3 +120,55 @@ def test_overdrive_diagnosis_refuses_bad_options_before_writing(tmp_path, extra,
     )
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_record_try_reproduces_the_recorded_tries_and_writes_once(tmp_path):
+    """Tries 29 and 30 were recorded by hand from their checks; the script gives the same figures from
+    the same check files, copies the files beside them, and refuses to record a try number twice."""
+    results = ROOT / "benchmarks" / "results"
+    details = json.loads((results / "mini_world_details_rebuild.json").read_text())
+    out = tmp_path / "results"
+    out.mkdir()
+    kept = {k: v for k, v in details.items() if k not in ("try_29", "try_30")}
+    (out / "mini_world_details_rebuild.json").write_text(json.dumps(kept))
+    assets = tmp_path / "assets"
+    (assets / "loras").mkdir(parents=True)
+    (assets / "loras" / "object_1.safetensors").write_bytes(b"weights")
+    for n in (29, 30):
+        check = tmp_path / f"check{n}"
+        check.mkdir()
+        for name in ("check.json", "check.txt"):
+            (check / name).write_bytes((results / f"mini_world_try{n}_{name}").read_bytes())
+        times = results / f"mini_world_try{n}_times.txt"
+        cmd = [
+            sys.executable,
+            str(ROOT / "scripts" / "mini" / "record_try.py"),
+            "--try",
+            str(n),
+            "--check",
+            str(check),
+            "--times",
+            str(times),
+            "--assets",
+            str(assets),
+            "--files",
+            "loras/object_1.safetensors",
+            "--rule",
+            "r",
+            "--change",
+            "c",
+            "--command",
+            "x",
+            "--results",
+            str(out),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        got = json.loads((out / "mini_world_details_rebuild.json").read_text())[f"try_{n}"]
+        for key in ("counts", "lora_count", "recall", "cond_uncond", "partial_knowledge", "times"):
+            assert got[key] == details[f"try_{n}"][key], key
+        assert got["merge_interference"] == details[f"try_{n}"]["merge_interference"]
+        assert got["sha256"] == {"loras/object_1.safetensors": hashlib.sha256(b"weights").hexdigest()}
+        assert (out / f"mini_world_try{n}_check.txt").read_bytes() == (check / "check.txt").read_bytes()
+        again = subprocess.run(cmd, capture_output=True, text=True)
+        assert again.returncode == 1 and f"already holds try_{n}" in again.stderr

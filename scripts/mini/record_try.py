@@ -1,0 +1,118 @@
+"""Record a rebuild try of the mini world: its check, stage times and retrained files, kept beside the
+tries page (docs/mini_world_tries.md), so that a try's figures outlive the run folder.
+
+    python scripts/mini/record_try.py --try 31 --check runs/try31/check --times runs/try31/work/times.txt \
+        --assets runs/try31/assets --files loras/character_2.safetensors mini_profile.json \
+        --rule "docs/mini_world_tries.md, 'Rebuild try 31' (commit abc1234, before the run)" \
+        --change "..." --command "python -m cmlora.mini.train loras ..." --command "..."
+
+Writes ``benchmarks/results/mini_world_try<N>_{check.txt,check.json,times.txt}`` and the entry ``try_<N>``
+of ``benchmarks/results/mini_world_details_rebuild.json`` (recall at 0.5 / 1.0 / 1.5 with the clipped
+percentage at 1.5, cond/uncond, the criteria's counts, SHA-256 of the listed files). Refuses to replace
+an entry that exists, so a try's record is written once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results")
+DETAILS = "mini_world_details_rebuild.json"
+LORA_CRITERIA = ("strength_0.5", "strength_1.0", "strength_1.5", "no_trigger", "cond_uncond")
+
+
+def sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def read_times(path: str) -> dict[str, str]:
+    """``name N s`` lines, as train_all.sh writes them."""
+    with open(path) as f:
+        return dict(line.strip().split(" ", 1) for line in f if line.strip())
+
+
+def entry(check: dict, times: dict[str, str], hashes: dict[str, str], rule: str, change: str, commands):
+    loras = check["loras"]
+    counts = {c: len(loras["passing"][c]) for c in LORA_CRITERIA}
+    merge = check["merge"]
+    return {
+        "rule": rule,
+        "change": change,
+        "commands": list(commands),
+        "times": times,
+        "counts": counts,
+        "lora_count": sum(counts[c] for c in LORA_CRITERIA[:3]) + counts["cond_uncond"],
+        "recall": {
+            cid: [r["recall_0.5"], r["recall_1.0"], r["recall_1.5"], round(100 * r["clipped_1.5"], 2)]
+            for cid, r in loras["rows"].items()
+        },
+        "cond_uncond": {
+            cid: round(r["cond_change"] / r["uncond_change"], 3) for cid, r in loras["rows"].items()
+        },
+        "partial_knowledge": len(check["partial_knowledge"]["passing"]),
+        "cross_talk_share": check["cross_talk"]["share"],
+        "merge_interference": {
+            "diff": round(merge["diff"], 4),
+            "diff_se": round(merge["diff_se"], 4),
+            "pairs": len(merge["strong_pairs"]),
+            "ok": merge["ok"],
+        },
+        "judge_ok": check["judge"]["ok"],
+        "sha256": hashes,
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--try", dest="number", type=int, required=True)
+    ap.add_argument("--check", required=True, help="the check's --out folder (check.json, check.txt)")
+    ap.add_argument("--times", required=True, help="the stage times file (name N s per line)")
+    ap.add_argument("--assets", required=True, help="the try's assets folder")
+    ap.add_argument("--files", nargs="+", required=True, help="retrained files, relative to --assets")
+    ap.add_argument("--rule", required=True)
+    ap.add_argument("--change", required=True)
+    ap.add_argument("--command", action="append", required=True, help="one per command the try ran")
+    ap.add_argument("--results", default=RESULTS)
+    a = ap.parse_args(argv)
+    details_path = os.path.join(a.results, DETAILS)
+    with open(details_path) as f:
+        details = json.load(f)
+    key = f"try_{a.number}"
+    if key in details:
+        sys.exit(f"{details_path} already holds {key}; a try is recorded once (pick its own number)")
+    paths = {name: os.path.join(a.check, name) for name in ("check.json", "check.txt")} | {
+        "times.txt": a.times
+    }
+    paths |= {f: os.path.join(a.assets, f) for f in a.files}
+    missing = [p for p in paths.values() if not os.path.isfile(p)]
+    if missing:
+        sys.exit(f"not found: {', '.join(missing)}; give the try's check folder, times file and assets")
+    with open(paths["check.json"]) as f:
+        check = json.load(f)
+    record = entry(
+        check,
+        read_times(a.times),
+        {f: sha256(paths[f]) for f in a.files},
+        a.rule,
+        a.change,
+        a.command,
+    )
+    for name in ("check.json", "check.txt", "times.txt"):
+        shutil.copyfile(paths[name], os.path.join(a.results, f"mini_world_try{a.number}_{name}"))
+    details[key] = record
+    tmp = details_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(details, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, details_path)
+    print(f"{key}: LoRA count {record['lora_count']}, counts {record['counts']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -137,8 +137,10 @@ def test_record_try_reproduces_the_recorded_tries_and_writes_once(tmp_path):
     for n in (29, 30):
         check = tmp_path / f"check{n}"
         check.mkdir()
-        for name in ("check.json", "check.txt"):
-            (check / name).write_bytes((results / f"mini_world_try{n}_{name}").read_bytes())
+        (check / "check.json").write_bytes((results / f"mini_world_try{n}_check.json").read_bytes())
+        log = tmp_path / f"check{n}.log"
+        report = (results / f"mini_world_try{n}_check.txt").read_text()
+        log.write_text("[transformers] a warning\nLoading pipeline components: 100%\n" + report)
         times = results / f"mini_world_try{n}_times.txt"
         cmd = [
             sys.executable,
@@ -147,6 +149,8 @@ def test_record_try_reproduces_the_recorded_tries_and_writes_once(tmp_path):
             str(n),
             "--check",
             str(check),
+            "--check-log",
+            str(log),
             "--times",
             str(times),
             "--assets",
@@ -169,6 +173,6 @@ def test_record_try_reproduces_the_recorded_tries_and_writes_once(tmp_path):
             assert got[key] == details[f"try_{n}"][key], key
         assert got["merge_interference"] == details[f"try_{n}"]["merge_interference"]
         assert got["sha256"] == {"loras/object_1.safetensors": hashlib.sha256(b"weights").hexdigest()}
-        assert (out / f"mini_world_try{n}_check.txt").read_bytes() == (check / "check.txt").read_bytes()
+        assert (out / f"mini_world_try{n}_check.txt").read_text() == report
         again = subprocess.run(cmd, capture_output=True, text=True)
         assert again.returncode == 1 and f"already holds try_{n}" in again.stderr

@@ -1,7 +1,7 @@
 """Record a rebuild try of the mini world: its check, stage times and retrained files, kept beside the
 tries page (docs/mini_world_tries.md), so that a try's figures outlive the run folder.
 
-    python scripts/mini/record_try.py --try 31 --check runs/try31/check --times runs/try31/work/times.txt \
+    python scripts/mini/record_try.py --try 31 --check runs/try31/check --check-log runs/try31/check.log --times runs/try31/work/times.txt \
         --assets runs/try31/assets --files loras/character_2.safetensors mini_profile.json \
         --rule "docs/mini_world_tries.md, 'Rebuild try 31' (commit abc1234, before the run)" \
         --change "..." --command "python -m cmlora.mini.train loras ..." --command "..."
@@ -71,7 +71,10 @@ def entry(check: dict, times: dict[str, str], hashes: dict[str, str], rule: str,
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--try", dest="number", type=int, required=True)
-    ap.add_argument("--check", required=True, help="the check's --out folder (check.json, check.txt)")
+    ap.add_argument("--check", required=True, help="the check's --out folder (its check.json)")
+    ap.add_argument(
+        "--check-log", required=True, help="what the check printed (its report lines kept as check.txt)"
+    )
     ap.add_argument("--times", required=True, help="the stage times file (name N s per line)")
     ap.add_argument("--assets", required=True, help="the try's assets folder")
     ap.add_argument("--files", nargs="+", required=True, help="retrained files, relative to --assets")
@@ -86,13 +89,17 @@ def main(argv=None) -> None:
     key = f"try_{a.number}"
     if key in details:
         sys.exit(f"{details_path} already holds {key}; a try is recorded once (pick its own number)")
-    paths = {name: os.path.join(a.check, name) for name in ("check.json", "check.txt")} | {
-        "times.txt": a.times
+    paths = {
+        "check.json": os.path.join(a.check, "check.json"),
+        "check.txt": a.check_log,
+        "times.txt": a.times,
     }
     paths |= {f: os.path.join(a.assets, f) for f in a.files}
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:
-        sys.exit(f"not found: {', '.join(missing)}; give the try's check folder, times file and assets")
+        sys.exit(
+            f"not found: {', '.join(missing)}; give the try's check folder and log, times file and assets"
+        )
     with open(paths["check.json"]) as f:
         check = json.load(f)
     record = entry(
@@ -103,8 +110,12 @@ def main(argv=None) -> None:
         a.change,
         a.command,
     )
-    for name in ("check.json", "check.txt", "times.txt"):
+    for name in ("check.json", "times.txt"):
         shutil.copyfile(paths[name], os.path.join(a.results, f"mini_world_try{a.number}_{name}"))
+    with open(paths["check.txt"]) as f:  # the report's lines, without library warnings and progress bars
+        report = [line for line in f if line.startswith(("==", "  "))]
+    with open(os.path.join(a.results, f"mini_world_try{a.number}_check.txt"), "w") as f:
+        f.writelines(report)
     details[key] = record
     tmp = details_path + ".tmp"
     with open(tmp, "w") as f:

@@ -531,7 +531,7 @@ def test_merge_gives_the_text_encoder_its_own_weight():
         (["--vae-near-misses", "-1"], "--vae-near-misses -1: a count"),
         (["--only", "character_1", "charakter_2"], "--only charakter_2: no such LoRA"),
         (["--lora-conv", "clothing", "backgrounds"], "--lora-conv backgrounds: no such category"),
-        (["--lora-noise-offset", "styles"], "--lora-noise-offset styles: no such category"),
+        (["--lora-noise-offset", "styles"], "--lora-noise-offset styles: no such category or LoRA"),
         (
             ["--lora-category-strengths", "styles", "0.5", "1.5"],
             "--lora-strengths-for styles: no such category or LoRA",
@@ -602,7 +602,7 @@ def test_base_loss_min_snr_weights_each_sample_by_its_snr():
     assert not mse.requires_grad
 
 
-def test_lora_targets_and_schedule_per_category():
+def test_lora_targets_and_schedule_per_category_and_per_lora():
     """The defaults are the shipped LoRAs' (no convolutions; a noise offset for styles and
     backgrounds; objects 1.5x the steps); the options choose each per category."""
     from cmlora.mini.train import LORA_TARGETS, LoRASchedule, lora_schedule, lora_targets
@@ -617,14 +617,21 @@ def test_lora_targets_and_schedule_per_category():
         LORA_TARGETS,
         LORA_TARGETS,
     ]
-    assert [lora_schedule(c) for c in ("character", "style", "background", "object")] == [
+    assert [lora_schedule(c) for c in ("character_2", "style_1", "background_1", "object_1")] == [
         LoRASchedule(),
         LoRASchedule(noise_offset=0.1),
         LoRASchedule(noise_offset=0.1),
         LoRASchedule(steps=1.5),
     ]
-    assert lora_schedule("background", ()) == LoRASchedule()
-    assert lora_schedule("object", ("object",)) == LoRASchedule(steps=1.5, noise_offset=0.1)
+    assert lora_schedule("background_1", ()) == LoRASchedule()
+    assert lora_schedule("object_1", ("object",)) == LoRASchedule(steps=1.5, noise_offset=0.1)
+    # a LoRA id names that LoRA alone: the ink style without the offset, the palette style with it
+    keys = ("style_2", "background")
+    assert [lora_schedule(c, keys).noise_offset for c in ("style_1", "style_2", "background_2")] == [
+        0,
+        0.1,
+        0.1,
+    ]
 
 
 def test_lora_strength_range_per_category_and_per_lora():

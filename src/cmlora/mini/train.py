@@ -123,10 +123,13 @@ def lora_strength_range(
     return tuple(for_lora(lora_id, ranges, strengths))
 
 
-def lora_schedule(category: str, offset_categories=NOISE_OFFSET_CATEGORIES) -> LoRASchedule:
-    """A category's step and learning-rate factors and its noise offset."""
+def lora_schedule(lora_id: str, offset_keys=NOISE_OFFSET_CATEGORIES) -> LoRASchedule:
+    """A LoRA's step and learning-rate factors (its category's) and its noise offset, on when
+    ``offset_keys`` names the LoRA or its category."""
+    category = world.CONCEPT_BY_ID[lora_id]["category"]
     schedule = CATEGORY_SCHEDULE.get(category, LoRASchedule())
-    return schedule._replace(noise_offset=NOISE_OFFSET if category in offset_categories else 0.0)
+    offset = category in offset_keys or lora_id in offset_keys
+    return schedule._replace(noise_offset=NOISE_OFFSET if offset else 0.0)
 
 
 #: kohya's default text-encoder LoRA targets for SD-1.5 (CLIP attention and MLP).
@@ -775,7 +778,7 @@ def train_loras(
     prior_at_top: bool = False,
     prior_weight: float = 1.0,
     conv_categories=CONV_CATEGORIES,
-    offset_categories=NOISE_OFFSET_CATEGORIES,
+    offset_keys=NOISE_OFFSET_CATEGORIES,
     strength_ranges: dict[str, tuple[float, float]] | None = None,
     uncaptioned_shares: dict[str, float] | None = None,
     unet_lr_factors: dict[str, float] | None = None,
@@ -853,7 +856,7 @@ def train_loras(
             LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_TARGETS),
         )
         unet_params, te_params = ([p for p in m.parameters() if p.requires_grad] for m in (unet, te))
-        schedule = lora_schedule(cat, offset_categories)
+        schedule = lora_schedule(cid, offset_keys)
         c_steps, c_lr = round(steps * schedule.steps), lr * schedule.lr
         unet_lr = for_lora(cid, unet_lr_factors, 1.0)
         max_norm = for_lora(cid, max_norms, None)
@@ -1074,8 +1077,9 @@ def parser() -> argparse.ArgumentParser:
         "--lora-noise-offset",
         nargs="*",
         default=list(NOISE_OFFSET_CATEGORIES),
-        metavar="CATEGORY",
-        help=f"categories whose LoRAs train with a noise offset of {NOISE_OFFSET:g} (none: no offset)",
+        metavar="KEY",
+        help=f"categories, or LoRA ids, whose LoRAs train with a noise offset of {NOISE_OFFSET:g} (none: no "
+        "offset)",
     )
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--vae-batch", type=int, default=16)
@@ -1101,10 +1105,9 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             ap.error(f"{flag} {value}: a count, 0 or more (0: the shipped recipe)")
     if not 0 <= a.lora_uncaptioned <= 1:
         ap.error(f"--lora-uncaptioned {a.lora_uncaptioned:g}: a share, between 0 and 1")
-    for flag, categories in (("--lora-conv", a.lora_conv), ("--lora-noise-offset", a.lora_noise_offset)):
-        unknown = [c for c in categories if c not in world.CATEGORIES]
-        if unknown:
-            ap.error(f"{flag} {' '.join(unknown)}: no such category; use {' '.join(world.CATEGORIES)}")
+    unknown = [c for c in a.lora_conv if c not in world.CATEGORIES]
+    if unknown:
+        ap.error(f"--lora-conv {' '.join(unknown)}: no such category; use {' '.join(world.CATEGORIES)}")
 
     def check_key(flag: str, key: str) -> None:
         if key not in world.CATEGORIES and key not in world.CONCEPT_IDS:
@@ -1113,6 +1116,8 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                 f"({' '.join(world.CATEGORIES)}) or a LoRA id ({' '.join(world.CONCEPT_IDS)})"
             )
 
+    for key in a.lora_noise_offset:
+        check_key("--lora-noise-offset", key)
     for key, lo, hi in a.lora_strengths_for or []:
         check_key("--lora-strengths-for", key)
         try:
@@ -1190,7 +1195,7 @@ def main(argv=None):
             prior_at_top=a.lora_prior_at_top,
             prior_weight=a.lora_prior_weight,
             conv_categories=tuple(a.lora_conv),
-            offset_categories=tuple(a.lora_noise_offset),
+            offset_keys=tuple(a.lora_noise_offset),
             strength_ranges={
                 **STRENGTH_RANGES,
                 **{key: (float(lo), float(hi)) for key, lo, hi in a.lora_strengths_for or []},

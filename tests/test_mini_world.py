@@ -562,6 +562,8 @@ def test_merge_gives_the_text_encoder_its_own_weight():
             ["--lora-unet-lr-for", "object", "fast"],
             "--lora-unet-lr-for object fast: FACTOR must be a positive",
         ),
+        (["--lora-steps-for", "flowers", "2"], "--lora-steps-for flowers: no such category or LoRA"),
+        (["--lora-steps-for", "object_1", "0"], "--lora-steps-for object_1 0: FACTOR must be a positive"),
         (["--lora-max-norm-for", "catgirl", "1"], "--lora-max-norm-for catgirl: no such category or LoRA"),
         (
             ["--lora-max-norm-for", "character_2", "-1"],
@@ -732,7 +734,7 @@ def test_uncaptioned_shares_per_lora_over_the_defaults(tmp_path, monkeypatch):
     assert seen["uncaptioned_shares"] == {**train.UNCAPTIONED_SHARES, "background_1": 0.8, "style": 0.0}
 
 
-def test_unet_lr_factor_per_lora_over_the_defaults(tmp_path, monkeypatch):
+def test_per_lora_lr_norm_and_step_tables_over_the_defaults(tmp_path, monkeypatch):
     """The command line's UNet learning-rate factors lay over the shipped table; the schedule runs a
     group with an ``lr_factor`` at that multiple of every step's rate, and a group without one at it."""
     from cmlora.mini import train
@@ -752,6 +754,15 @@ def test_unet_lr_factor_per_lora_over_the_defaults(tmp_path, monkeypatch):
         ["loras", *work, "--lora-max-norm-for", "character_2", "1", "--lora-max-norm-for", "style", "2"]
     )
     assert seen["max_norms"] == {**train.MAX_NORMS, "character_2": 1.0, "style": 2.0}
+    assert seen["step_factors"] == train.STEP_FACTORS
+    train.main(["loras", *work, "--lora-steps-for", "object_1", "2"])
+    assert seen["step_factors"] == {**train.STEP_FACTORS, "object_1": 2.0}
+    # a LoRA's own factor, else its category's entry, else its category's schedule (objects 1.5)
+    factors = {"object_1": 2.0, "style": 0.5}
+    counts = [
+        train.lora_step_count(c, 1050, factors) for c in ("object_1", "object_2", "style_1", "character_1")
+    ]
+    assert counts == [2100, 1575, 525, 1050]
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([{"params": [a], "lr_factor": 1.5}, {"params": [b]}], lr=1.0)
     for step in (0, 29, 500, 1574):

@@ -103,6 +103,11 @@ UNCAPTIONED_SHARES: dict[str, float] = {
 UNET_LR_FACTORS: dict[str, float] = {}
 
 
+#: LoRAs trained for another multiple of ``--lora-steps`` than their category's (``CATEGORY_SCHEDULE``),
+#: keyed as ``STRENGTH_RANGES``; ``--lora-steps-for`` adds or replaces entries. Empty: the category's.
+STEP_FACTORS: dict[str, float] = {}
+
+
 #: LoRAs whose every layer's weight change is held to a Frobenius norm (kohya's ``--scale_weight_norms``,
 #: `apply_max_norm`), keyed as ``STRENGTH_RANGES``; ``--lora-max-norm-for`` adds or replaces entries.
 #: Empty: no bound.
@@ -130,6 +135,15 @@ def lora_schedule(lora_id: str, offset_keys=NOISE_OFFSET_CATEGORIES) -> LoRASche
     schedule = CATEGORY_SCHEDULE.get(category, LoRASchedule())
     offset = category in offset_keys or lora_id in offset_keys
     return schedule._replace(noise_offset=NOISE_OFFSET if offset else 0.0)
+
+
+def lora_step_count(lora_id: str, steps: int, step_factors: dict[str, float]) -> int:
+    """A LoRA's training steps: ``steps`` times its own factor, else its category's in ``step_factors``,
+    else its category's schedule's."""
+    category = world.CONCEPT_BY_ID[lora_id]["category"]
+    return round(
+        steps * for_lora(lora_id, step_factors, CATEGORY_SCHEDULE.get(category, LoRASchedule()).steps)
+    )
 
 
 #: kohya's default text-encoder LoRA targets for SD-1.5 (CLIP attention and MLP).
@@ -783,6 +797,7 @@ def train_loras(
     uncaptioned_shares: dict[str, float] | None = None,
     unet_lr_factors: dict[str, float] | None = None,
     max_norms: dict[str, float] | None = None,
+    step_factors: dict[str, float] | None = None,
 ):
     """One kohya-style LoRA per concept: UNet attention/feed-forward (and conv for the categories in
     ``conv_categories``) plus text-encoder layers, trained on ``n_images`` renders of the concept that carry
@@ -800,7 +815,8 @@ def train_loras(
     ``strength_ranges`` gives some categories or LoRAs their own (lo, hi) (default ``STRENGTH_RANGES``),
     ``uncaptioned_shares`` their own ``p_uncaptioned`` (default ``UNCAPTIONED_SHARES``), ``unet_lr_factors``
     a factor on their UNet layers' learning rate (default ``UNET_LR_FACTORS``), ``max_norms`` a bound
-    on each layer's weight change (`apply_max_norm`; default ``MAX_NORMS``).
+    on each layer's weight change (`apply_max_norm`; default ``MAX_NORMS``), ``step_factors`` their own
+    multiple of ``steps`` (default ``STEP_FACTORS``, else their category's).
     ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`). The command line's
     defaults are the shipped LoRAs' (strengths 0.5-1, own ranges in ``STRENGTH_RANGES`` by tries 12, 15
     and 16, prior weight 4, half the prior captions empty, all of them for the sunset by try 22 and for
@@ -832,6 +848,8 @@ def train_loras(
         unet_lr_factors = UNET_LR_FACTORS
     if max_norms is None:
         max_norms = MAX_NORMS
+    if step_factors is None:
+        step_factors = STEP_FACTORS
     for k, cid in enumerate(world.CONCEPT_IDS):
         if only and cid not in only:
             continue
@@ -857,7 +875,7 @@ def train_loras(
         )
         unet_params, te_params = ([p for p in m.parameters() if p.requires_grad] for m in (unet, te))
         schedule = lora_schedule(cid, offset_keys)
-        c_steps, c_lr = round(steps * schedule.steps), lr * schedule.lr
+        c_steps, c_lr = lora_step_count(cid, steps, step_factors), lr * schedule.lr
         unet_lr = for_lora(cid, unet_lr_factors, 1.0)
         max_norm = for_lora(cid, max_norms, None)
         n_scaled = 0
@@ -1048,6 +1066,15 @@ def parser() -> argparse.ArgumentParser:
     )
     per_lora_number(
         ap,
+        "--lora-steps-for",
+        "FACTOR",
+        STEP_FACTORS,
+        "trains for FACTOR times --lora-steps instead of its category's multiple ("
+        + ", ".join(f"{c} {sch.steps:g}" for c, sch in CATEGORY_SCHEDULE.items())
+        + ", others 1)",
+    )
+    per_lora_number(
+        ap,
         "--lora-max-norm-for",
         "NORM",
         MAX_NORMS,
@@ -1136,6 +1163,7 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for flag, name, example, entries in (
         ("--lora-unet-lr-for", "FACTOR", "1.5", a.lora_unet_lr_for),
         ("--lora-max-norm-for", "NORM", "1", a.lora_max_norm_for),
+        ("--lora-steps-for", "FACTOR", "2", a.lora_steps_for),
     ):
         for key, value in entries or []:
             check_key(flag, key)
@@ -1203,6 +1231,7 @@ def main(argv=None):
             uncaptioned_shares=overlay(UNCAPTIONED_SHARES, a.lora_uncaptioned_for),
             unet_lr_factors=overlay(UNET_LR_FACTORS, a.lora_unet_lr_for),
             max_norms=overlay(MAX_NORMS, a.lora_max_norm_for),
+            step_factors=overlay(STEP_FACTORS, a.lora_steps_for),
         )
     if a.stage == "info":
         write_info()

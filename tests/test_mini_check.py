@@ -176,3 +176,22 @@ def test_record_try_reproduces_the_recorded_tries_and_writes_once(tmp_path):
         assert (out / f"mini_world_try{n}_check.txt").read_text() == report
         again = subprocess.run(cmd, capture_output=True, text=True)
         assert again.returncode == 1 and f"already holds try_{n}" in again.stderr
+
+
+@pytest.mark.parametrize("item", ["flower:1.5", "style_1:0", "style_1:strong", "style_1"])
+def test_clipping_diagnosis_refuses_bad_generated_pairs_before_writing(tmp_path, item):
+    out = tmp_path / "c.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "mini" / "diagnose_clipping.py"),
+            "--out",
+            str(out),
+            "--generated",
+            item,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and f"--generated {item}: give LORA:STRENGTH" in r.stderr, r.stderr
+    assert not out.exists()

@@ -69,6 +69,13 @@ class Generator:
     @torch.no_grad()
     def __call__(self, prompt: str, seeds, loras=()) -> tuple[list, float]:
         """Images and the share of clipped pixel values (decoded outside [-1, 1])."""
+        x = self.decoded(prompt, seeds, loras)
+        clipped = float((x.abs() > 1).float().mean())
+        return to_pil(x), clipped
+
+    @torch.no_grad()
+    def decoded(self, prompt: str, seeds, loras=()) -> torch.Tensor:
+        """The VAE's output for each seed, before any clipping to [-1, 1]."""
         self.pipe.unet, self.pipe.text_encoder = self.models(tuple(loras))
         try:
             latents = self.pipe(
@@ -83,9 +90,7 @@ class Generator:
             ).images
         finally:
             self.pipe.unet, self.pipe.text_encoder = self.unet, self.te
-        x = self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor).sample
-        clipped = float((x.abs() > 1).float().mean())
-        return to_pil(x), clipped
+        return self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor).sample
 
     @torch.no_grad()
     def prediction_change(self, cid: str, seeds) -> tuple[float, float]:

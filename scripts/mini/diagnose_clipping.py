@@ -8,6 +8,12 @@ overdrive. If the VAE already decodes a concept's clean renders outside that ran
 the decoder's, not the LoRA's. Per concept (and for generic scenes): the share of decoded values outside
 [-1, 1] after encoding and decoding 40 renders (with the concept's incidental traits, as LoRA training
 data), and the share of render values at 0 or 255. Compare with ``clipped_*`` per strength in the check.
+
+    python scripts/mini/diagnose_clipping.py --out clipping.json --generated style_1:0.5 style_1:1.5
+
+``--generated LORA:STRENGTH`` also generates, as the strength check does (its prompt, seeds, steps and
+guidance), and counts decoded values above 1 and below -1 apart, per channel and per image: which side
+of the range a LoRA's clipped pixels are on.
 """
 
 from __future__ import annotations
@@ -31,12 +37,43 @@ def round_trip_clipped(vae, arrays: list[np.ndarray]) -> tuple[float, float]:
     return float((y.abs() > 1).float().mean()), float((x.abs() >= 0.999).float().mean())
 
 
+def sides(x: torch.Tensor) -> dict:
+    """Shares of decoded values above 1 and below -1, over all values, per channel and per image."""
+    out = (x.abs() > 1).float()
+    return {
+        "above_1": float((x > 1).float().mean()),
+        "below_-1": float((x < -1).float().mean()),
+        "per_channel": [float(out[:, c].mean()) for c in range(x.shape[1])],
+        "per_image": [float(out[i].mean()) for i in range(x.shape[0])],
+    }
+
+
+def parse_generated(ap: argparse.ArgumentParser, items: list[str]) -> list[tuple[str, float]]:
+    pairs = []
+    for item in items:
+        cid, _, strength = item.partition(":")
+        try:
+            value = float(strength)
+        except ValueError:
+            value = -1.0
+        if cid not in world.CONCEPT_IDS or value <= 0:
+            ap.error(
+                f"--generated {item}: give LORA:STRENGTH with a LoRA of the mini world "
+                f"({' '.join(world.CONCEPT_IDS)}) and a positive strength, e.g. style_1:1.5"
+            )
+        pairs.append((cid, value))
+    return pairs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file for the shares")
     ap.add_argument("--renders", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--generated", nargs="*", default=[], metavar="LORA:STRENGTH")
+    ap.add_argument("--seeds", type=int, default=20, help="images per --generated pair (the check's 20)")
     a = ap.parse_args()
+    generated = parse_generated(ap, a.generated)
     torch.set_num_threads(a.threads)
     vae = mini.load_pipeline().vae
     rows = [("generic", None)] + [(c, {world.CONCEPT_BY_ID[c]["category"]: c}) for c in world.CONCEPT_IDS]
@@ -49,6 +86,15 @@ def main() -> None:
         decoded, extreme = round_trip_clipped(vae, [render.render_array(s) for s in scenes])
         out["concepts"][name] = {"decoded_clipped": decoded, "render_extreme": extreme}
         print(f"{name:14s} decoded outside [-1, 1] {decoded:6.2%}   render values at 0/255 {extreme:6.2%}")
+    if generated:
+        import check_world  # beside this script: the strength check's generator
+
+        gen = check_world.Generator(mini.STEPS, mini.GUIDANCE)
+        out["generated"] = {}
+        for cid, strength in generated:
+            x = gen.decoded(world.trigger_prompt([cid]), list(range(a.seeds)), ((cid, strength),))
+            row = out["generated"][f"{cid}:{strength:g}"] = sides(x)
+            print(f"{cid}:{strength:g}  above 1 {row['above_1']:6.2%}  below -1 {row['below_-1']:6.2%}")
     files.atomic_write_bytes(a.out, (json.dumps(out, indent=1) + "\n").encode())
 
 

@@ -178,7 +178,7 @@ def test_record_try_reproduces_the_recorded_tries_and_writes_once(tmp_path):
         assert again.returncode == 1 and f"already holds try_{n}" in again.stderr
 
 
-@pytest.mark.parametrize("item", ["flower:1.5", "style_1:0", "style_1:strong", "style_1"])
+@pytest.mark.parametrize("item", ["flower:1.5", "style_1:-0.5", "style_1:strong", "style_1"])
 def test_clipping_diagnosis_refuses_bad_generated_pairs_before_writing(tmp_path, item):
     out = tmp_path / "c.json"
     r = subprocess.run(

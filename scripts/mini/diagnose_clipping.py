@@ -13,7 +13,8 @@ data), and the share of render values at 0 or 255. Compare with ``clipped_*`` pe
 
 ``--generated LORA:STRENGTH`` also generates, as the strength check does (its prompt, seeds, steps and
 guidance), and counts decoded values above 1 and below -1 apart, per channel and per image: which side
-of the range a LoRA's clipped pixels are on.
+of the range a LoRA's clipped pixels are on. Strength 0 is the base alone with that LoRA's prompt: what
+the base draws there before any LoRA.
 """
 
 from __future__ import annotations
@@ -56,10 +57,11 @@ def parse_generated(ap: argparse.ArgumentParser, items: list[str]) -> list[tuple
             value = float(strength)
         except ValueError:
             value = -1.0
-        if cid not in world.CONCEPT_IDS or value <= 0:
+        if cid not in world.CONCEPT_IDS or value < 0:
             ap.error(
                 f"--generated {item}: give LORA:STRENGTH with a LoRA of the mini world "
-                f"({' '.join(world.CONCEPT_IDS)}) and a positive strength, e.g. style_1:1.5"
+                f"({' '.join(world.CONCEPT_IDS)}) and a strength of 0 (the base alone) or more, e.g. "
+                "style_1:1.5"
             )
         pairs.append((cid, value))
     return pairs
@@ -92,7 +94,8 @@ def main() -> None:
         gen = check_world.Generator(mini.STEPS, mini.GUIDANCE)
         out["generated"] = {}
         for cid, strength in generated:
-            x = gen.decoded(world.trigger_prompt([cid]), list(range(a.seeds)), ((cid, strength),))
+            loras = ((cid, strength),) if strength else ()
+            x = gen.decoded(world.trigger_prompt([cid]), list(range(a.seeds)), loras)
             row = out["generated"][f"{cid}:{strength:g}"] = sides(x)
             print(f"{cid}:{strength:g}  above 1 {row['above_1']:6.2%}  below -1 {row['below_-1']:6.2%}")
     files.atomic_write_bytes(a.out, (json.dumps(out, indent=1) + "\n").encode())

@@ -944,7 +944,7 @@ def train_loras(
                 n_scaled = apply_max_norm((unet, te), max_norm)
             run = loss.item() if step == 0 else 0.95 * run + 0.05 * loss.item()
             if step % 50 == 0 or step == c_steps - 1:
-                bound = "" if max_norm is None else f" layers at the max norm {n_scaled}"
+                bound = "" if max_norm is None else f" layers scaled to the max norm {n_scaled}"
                 log(f"lora {cid} step {step} loss {run:.4f}{bound} {time.time() - t0:.0f}s")
         set_lora_strength((unet, te), 1.0)
         sd = kohya_state_dict(unet, "lora_unet_", rank, float(rank))

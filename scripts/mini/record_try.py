@@ -1,8 +1,9 @@
 """Record a rebuild try of the mini world: its check, stage times and retrained files, kept beside the
 tries page (docs/mini_world_tries.md), so that a try's figures outlive the run folder.
 
-    python scripts/mini/record_try.py --try 31 --check runs/try31/check --check-log runs/try31/check.log --times runs/try31/work/times.txt \
-        --assets runs/try31/assets --files loras/character_2.safetensors mini_profile.json \
+    python scripts/mini/record_try.py --try 31 --check runs/try31/check --check-log runs/try31/check.log \
+        --times runs/try31/work/times.txt --assets runs/try31/assets \
+        --files loras/character_2.safetensors mini_profile.json \
         --rule "docs/mini_world_tries.md, 'Rebuild try 31' (commit abc1234, before the run)" \
         --change "..." --command "python -m cmlora.mini.train loras ..." --command "..."
 

@@ -562,6 +562,11 @@ def test_merge_gives_the_text_encoder_its_own_weight():
             ["--lora-unet-lr-for", "object", "fast"],
             "--lora-unet-lr-for object fast: FACTOR must be a positive",
         ),
+        (["--lora-te-lr-for", "cat", "2"], "--lora-te-lr-for cat: no such category or LoRA"),
+        (
+            ["--lora-te-lr-for", "character_2", "0"],
+            "--lora-te-lr-for character_2 0: FACTOR must be a positive",
+        ),
         (["--lora-steps-for", "flowers", "2"], "--lora-steps-for flowers: no such category or LoRA"),
         (["--lora-steps-for", "object_1", "0"], "--lora-steps-for object_1 0: FACTOR must be a positive"),
         (["--lora-max-norm-for", "catgirl", "1"], "--lora-max-norm-for catgirl: no such category or LoRA"),
@@ -749,6 +754,9 @@ def test_per_lora_lr_norm_and_step_tables_over_the_defaults(tmp_path, monkeypatc
         ["loras", *work, "--lora-unet-lr-for", "object_1", "1.5", "--lora-unet-lr-for", "style", "0.5"]
     )
     assert seen["unet_lr_factors"] == {**train.UNET_LR_FACTORS, "object_1": 1.5, "style": 0.5}
+    assert seen["te_lr_factors"] == train.TE_LR_FACTORS
+    train.main(["loras", *work, "--lora-te-lr-for", "character_2", "2"])
+    assert seen["te_lr_factors"] == {**train.TE_LR_FACTORS, "character_2": 2.0}
     assert seen["max_norms"] == train.MAX_NORMS
     train.main(
         ["loras", *work, "--lora-max-norm-for", "character_2", "1", "--lora-max-norm-for", "style", "2"]

@@ -102,6 +102,9 @@ UNCAPTIONED_SHARES: dict[str, float] = {
 #: ``--lora-unet-lr-for`` adds or replaces entries. Empty: both halves learn at one rate.
 UNET_LR_FACTORS: dict[str, float] = {}
 
+#: The same for the text-encoder layers (kohya's ``--text_encoder_lr``); ``--lora-te-lr-for``.
+TE_LR_FACTORS: dict[str, float] = {}
+
 
 #: LoRAs trained for another multiple of ``--lora-steps`` than their category's (``CATEGORY_SCHEDULE``),
 #: keyed as ``STRENGTH_RANGES``; ``--lora-steps-for`` adds or replaces entries. Empty: the category's.
@@ -796,6 +799,7 @@ def train_loras(
     strength_ranges: dict[str, tuple[float, float]] | None = None,
     uncaptioned_shares: dict[str, float] | None = None,
     unet_lr_factors: dict[str, float] | None = None,
+    te_lr_factors: dict[str, float] | None = None,
     max_norms: dict[str, float] | None = None,
     step_factors: dict[str, float] | None = None,
 ):
@@ -814,7 +818,8 @@ def train_loras(
     ``prior_at_top`` then trains the prior half at hi instead of the drawn strength.
     ``strength_ranges`` gives some categories or LoRAs their own (lo, hi) (default ``STRENGTH_RANGES``),
     ``uncaptioned_shares`` their own ``p_uncaptioned`` (default ``UNCAPTIONED_SHARES``), ``unet_lr_factors``
-    a factor on their UNet layers' learning rate (default ``UNET_LR_FACTORS``), ``max_norms`` a bound
+    a factor on their UNet layers' learning rate (default ``UNET_LR_FACTORS``), ``te_lr_factors``
+    on their text-encoder layers' (default ``TE_LR_FACTORS``), ``max_norms`` a bound
     on each layer's weight change (`apply_max_norm`; default ``MAX_NORMS``), ``step_factors`` their own
     multiple of ``steps`` (default ``STEP_FACTORS``, else their category's).
     ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`). The command line's
@@ -846,6 +851,8 @@ def train_loras(
         uncaptioned_shares = UNCAPTIONED_SHARES
     if unet_lr_factors is None:
         unet_lr_factors = UNET_LR_FACTORS
+    if te_lr_factors is None:
+        te_lr_factors = TE_LR_FACTORS
     if max_norms is None:
         max_norms = MAX_NORMS
     if step_factors is None:
@@ -876,14 +883,14 @@ def train_loras(
         unet_params, te_params = ([p for p in m.parameters() if p.requires_grad] for m in (unet, te))
         schedule = lora_schedule(cid, offset_keys)
         c_steps, c_lr = lora_step_count(cid, steps, step_factors), lr * schedule.lr
-        unet_lr = for_lora(cid, unet_lr_factors, 1.0)
+        unet_lr, te_lr = for_lora(cid, unet_lr_factors, 1.0), for_lora(cid, te_lr_factors, 1.0)
         max_norm = for_lora(cid, max_norms, None)
         n_scaled = 0
         # One group when both halves share the rate, so that the shipped LoRAs train as before.
         groups = (
             [{"params": unet_params + te_params}]
-            if unet_lr == 1.0
-            else [{"params": unet_params, "lr_factor": unet_lr}, {"params": te_params}]
+            if unet_lr == te_lr == 1.0
+            else [{"params": unet_params, "lr_factor": unet_lr}, {"params": te_params, "lr_factor": te_lr}]
         )
         opt = torch.optim.AdamW(groups, lr=c_lr, weight_decay=0.0)
         g = torch.Generator().manual_seed(cseed)
@@ -1062,7 +1069,14 @@ def parser() -> argparse.ArgumentParser:
         "--lora-unet-lr-for",
         "FACTOR",
         UNET_LR_FACTORS,
-        "trains its UNet layers at FACTOR times the learning rate of its text-encoder layers",
+        "trains its UNet layers at FACTOR times its learning rate",
+    )
+    per_lora_number(
+        ap,
+        "--lora-te-lr-for",
+        "FACTOR",
+        TE_LR_FACTORS,
+        "trains its text-encoder layers at FACTOR times its learning rate",
     )
     per_lora_number(
         ap,
@@ -1162,6 +1176,7 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             ap.error(f"--lora-uncaptioned-for {key} {share}: SHARE must be a number between 0 and 1 (e.g. 1)")
     for flag, name, example, entries in (
         ("--lora-unet-lr-for", "FACTOR", "1.5", a.lora_unet_lr_for),
+        ("--lora-te-lr-for", "FACTOR", "2", a.lora_te_lr_for),
         ("--lora-max-norm-for", "NORM", "1", a.lora_max_norm_for),
         ("--lora-steps-for", "FACTOR", "2", a.lora_steps_for),
     ):
@@ -1230,6 +1245,7 @@ def main(argv=None):
             },
             uncaptioned_shares=overlay(UNCAPTIONED_SHARES, a.lora_uncaptioned_for),
             unet_lr_factors=overlay(UNET_LR_FACTORS, a.lora_unet_lr_for),
+            te_lr_factors=overlay(TE_LR_FACTORS, a.lora_te_lr_for),
             max_norms=overlay(MAX_NORMS, a.lora_max_norm_for),
             step_factors=overlay(STEP_FACTORS, a.lora_steps_for),
         )

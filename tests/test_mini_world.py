@@ -748,23 +748,18 @@ def test_per_lora_lr_norm_and_step_tables_over_the_defaults(tmp_path, monkeypatc
     monkeypatch.setattr(train, "train_loras", lambda *a, **kw: seen.update(kw))
     monkeypatch.setenv("CMLORA_MINI_ASSETS", str(tmp_path / "assets"))
     work = ["--work", str(tmp_path / "work")]
+    options = {  # keyword of train_loras: (its flag, the shipped table)
+        "unet_lr_factors": ("--lora-unet-lr-for", train.UNET_LR_FACTORS),
+        "te_lr_factors": ("--lora-te-lr-for", train.TE_LR_FACTORS),
+        "max_norms": ("--lora-max-norm-for", train.MAX_NORMS),
+        "step_factors": ("--lora-steps-for", train.STEP_FACTORS),
+    }
     train.main(["loras", *work])
-    assert seen["unet_lr_factors"] == train.UNET_LR_FACTORS
-    train.main(
-        ["loras", *work, "--lora-unet-lr-for", "object_1", "1.5", "--lora-unet-lr-for", "style", "0.5"]
-    )
-    assert seen["unet_lr_factors"] == {**train.UNET_LR_FACTORS, "object_1": 1.5, "style": 0.5}
-    assert seen["te_lr_factors"] == train.TE_LR_FACTORS
-    train.main(["loras", *work, "--lora-te-lr-for", "character_2", "2"])
-    assert seen["te_lr_factors"] == {**train.TE_LR_FACTORS, "character_2": 2.0}
-    assert seen["max_norms"] == train.MAX_NORMS
-    train.main(
-        ["loras", *work, "--lora-max-norm-for", "character_2", "1", "--lora-max-norm-for", "style", "2"]
-    )
-    assert seen["max_norms"] == {**train.MAX_NORMS, "character_2": 1.0, "style": 2.0}
-    assert seen["step_factors"] == train.STEP_FACTORS
-    train.main(["loras", *work, "--lora-steps-for", "object_1", "2"])
-    assert seen["step_factors"] == {**train.STEP_FACTORS, "object_1": 2.0}
+    assert all(seen[kw] == table for kw, (_, table) in options.items())
+    for kw, (flag, table) in options.items():
+        train.main(["loras", *work, flag, "object_1", "1.5", flag, "style", "0.5"])
+        assert seen[kw] == {**table, "object_1": 1.5, "style": 0.5}
+        assert all(seen[other] == t for other, (_, t) in options.items() if other != kw)
     # a LoRA's own factor, else its category's entry, else its category's schedule (objects 1.5)
     factors = {"object_1": 2.0, "style": 0.5}
     counts = [

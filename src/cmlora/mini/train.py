@@ -845,18 +845,13 @@ def train_loras(
     reg_mean, reg_std = encode_pool(vae, reg_pool)
     os.makedirs(os.path.join(assets_dir(), "loras"), exist_ok=True)
     half = batch // 2
-    if strength_ranges is None:
-        strength_ranges = STRENGTH_RANGES
-    if uncaptioned_shares is None:
-        uncaptioned_shares = UNCAPTIONED_SHARES
-    if unet_lr_factors is None:
-        unet_lr_factors = UNET_LR_FACTORS
-    if te_lr_factors is None:
-        te_lr_factors = TE_LR_FACTORS
-    if max_norms is None:
-        max_norms = MAX_NORMS
-    if step_factors is None:
-        step_factors = STEP_FACTORS
+    # None: the shipped table (an empty dict stays empty: no entries)
+    strength_ranges = STRENGTH_RANGES if strength_ranges is None else strength_ranges
+    uncaptioned_shares = UNCAPTIONED_SHARES if uncaptioned_shares is None else uncaptioned_shares
+    unet_lr_factors = UNET_LR_FACTORS if unet_lr_factors is None else unet_lr_factors
+    te_lr_factors = TE_LR_FACTORS if te_lr_factors is None else te_lr_factors
+    max_norms = MAX_NORMS if max_norms is None else max_norms
+    step_factors = STEP_FACTORS if step_factors is None else step_factors
     for k, cid in enumerate(world.CONCEPT_IDS):
         if only and cid not in only:
             continue

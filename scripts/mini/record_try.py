@@ -16,20 +16,15 @@ an entry that exists, so a try's record is written once.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shutil
 import sys
+
+from cmlora import files
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results")
 DETAILS = "mini_world_details_rebuild.json"
 LORA_CRITERIA = ("strength_0.5", "strength_1.0", "strength_1.5", "no_trigger", "cond_uncond")
-
-
-def sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def read_times(path: str) -> dict[str, str]:
@@ -106,23 +101,19 @@ def main(argv=None) -> None:
     record = entry(
         check,
         read_times(a.times),
-        {f: sha256(paths[f]) for f in a.files},
+        {f: files.sha256_file(paths[f]) for f in a.files},
         a.rule,
         a.change,
         a.command,
     )
     for name in ("check.json", "times.txt"):
-        shutil.copyfile(paths[name], os.path.join(a.results, f"mini_world_try{a.number}_{name}"))
+        with open(paths[name], "rb") as f:
+            files.atomic_write_bytes(os.path.join(a.results, f"mini_world_try{a.number}_{name}"), f.read())
     with open(paths["check.txt"]) as f:  # the report's lines, without library warnings and progress bars
-        report = [line for line in f if line.startswith(("==", "  "))]
-    with open(os.path.join(a.results, f"mini_world_try{a.number}_check.txt"), "w") as f:
-        f.writelines(report)
+        report = "".join(line for line in f if line.startswith(("==", "  ")))
+    files.atomic_write_text(os.path.join(a.results, f"mini_world_try{a.number}_check.txt"), report)
     details[key] = record
-    tmp = details_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(details, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, details_path)
+    files.atomic_write_text(details_path, json.dumps(details, indent=1) + "\n")
     print(f"{key}: LoRA count {record['lora_count']}, counts {record['counts']}")
 
 

@@ -6,7 +6,7 @@
 #   LORAS="object_1 style_2 object_2" METHODS="merge composite" OUT=/tmp/by_method bash scripts/mini/main_command_by_method.sh
 set -euo pipefail
 OUT=${OUT:-runs/main_command_by_method}
-LORAS=${LORAS:-"character_2 object_1"}
+LORAS=${LORAS:-"character_3 background_2"}
 METHODS=${METHODS:-$(python -c 'from cmlora.methods import METHOD_LABELS; print(*METHOD_LABELS)')}
 args=()
 for id in $LORAS; do args+=(--lora "$id"); done

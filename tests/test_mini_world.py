@@ -575,6 +575,9 @@ def test_merge_gives_the_text_encoder_its_own_weight():
             "--lora-max-norm-for character_2 -1: NORM must be a positive",
         ),
         (["--lora-max-norm-for", "style", "none"], "--lora-max-norm-for style none: NORM must be a positive"),
+        (["--lora-rank-for", "flower", "32"], "--lora-rank-for flower: no such category or LoRA"),
+        (["--lora-rank-for", "object_1", "0"], "--lora-rank-for object_1 0: RANK must be a whole number"),
+        (["--lora-rank-for", "object_1", "1.5"], "--lora-rank-for object_1 1.5: RANK must be a whole number"),
     ],
 )
 def test_training_refuses_bad_options_before_writing(tmp_path, monkeypatch, capsys, extra, message):
@@ -761,6 +764,10 @@ def test_per_lora_lr_norm_and_step_tables_over_the_defaults(tmp_path, monkeypatc
         assert seen[kw] == {**table, "object_1": 1.5, "style": 0.5}
         assert all(seen[other] == t for other, (_, t) in options.items() if other != kw)
     # a LoRA's own factor, else its category's entry, else its category's schedule (objects 1.5)
+    train.main(["loras", *work, "--lora-rank-for", "object_1", "32", "--lora-rank-for", "style", "8"])
+    assert seen["ranks"] == {**train.RANKS, "object_1": 32.0, "style": 8.0}
+    assert [train.lora_rank(c, 16, seen["ranks"]) for c in ("object_1", "style_2", "object_2")] == [32, 8, 16]
+    assert isinstance(train.lora_rank("object_1", 16, seen["ranks"]), int)
     factors = {"object_1": 2.0, "style": 0.5}
     counts = [
         train.lora_step_count(c, 1050, factors) for c in ("object_1", "object_2", "style_1", "character_1")

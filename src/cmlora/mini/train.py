@@ -115,6 +115,12 @@ TE_LR_FACTORS: dict[str, float] = {"character_2": 3.0, "style_1": 2.0}
 STEP_FACTORS: dict[str, float] = {}
 
 
+#: LoRAs trained at another rank than ``--lora-rank`` (kohya's ``--network_dim``; alpha follows the rank,
+#: so the strength scale stays 1), keyed as ``STRENGTH_RANGES``; ``--lora-rank-for`` adds or replaces
+#: entries. Empty: every LoRA at ``--lora-rank``.
+RANKS: dict[str, float] = {}
+
+
 #: LoRAs whose every layer's weight change is held to a Frobenius norm (kohya's ``--scale_weight_norms``,
 #: `apply_max_norm`), keyed as ``STRENGTH_RANGES``; ``--lora-max-norm-for`` adds or replaces entries.
 #: Empty: no bound.
@@ -125,6 +131,11 @@ def for_lora(lora_id: str, table: dict, default):
     """A LoRA's own entry of a per-LoRA table, else its category's, else ``default``."""
     category = world.CONCEPT_BY_ID[lora_id]["category"]
     return table.get(lora_id, table.get(category, default))
+
+
+def lora_rank(lora_id: str, rank: int, ranks: dict[str, float]) -> int:
+    """A LoRA's rank: its own or its category's entry of ``ranks``, else ``rank``."""
+    return int(for_lora(lora_id, ranks, rank))
 
 
 def lora_strength_range(
@@ -806,6 +817,7 @@ def train_loras(
     te_lr_factors: dict[str, float] | None = None,
     max_norms: dict[str, float] | None = None,
     step_factors: dict[str, float] | None = None,
+    ranks: dict[str, float] | None = None,
 ):
     """One kohya-style LoRA per concept: UNet attention/feed-forward (and conv for the categories in
     ``conv_categories``) plus text-encoder layers, trained on ``n_images`` renders of the concept that carry
@@ -825,7 +837,8 @@ def train_loras(
     a factor on their UNet layers' learning rate (default ``UNET_LR_FACTORS``), ``te_lr_factors``
     on their text-encoder layers' (default ``TE_LR_FACTORS``), ``max_norms`` a bound
     on each layer's weight change (`apply_max_norm`; default ``MAX_NORMS``), ``step_factors`` their own
-    multiple of ``steps`` (default ``STEP_FACTORS``, else their category's).
+    multiple of ``steps`` (default ``STEP_FACTORS``, else their category's), ``ranks`` their own rank
+    instead of ``rank`` (default ``RANKS``).
     ``prior_weight`` weights the prior half's loss (`prior_preservation_loss`). The command line's
     defaults are the shipped LoRAs' (strengths 0.5-1, own ranges in ``STRENGTH_RANGES`` by tries 12, 15
     and 16, prior weight 4, half the prior captions empty, all of them for the sunset by try 22 and for
@@ -856,6 +869,7 @@ def train_loras(
     te_lr_factors = TE_LR_FACTORS if te_lr_factors is None else te_lr_factors
     max_norms = MAX_NORMS if max_norms is None else max_norms
     step_factors = STEP_FACTORS if step_factors is None else step_factors
+    ranks = RANKS if ranks is None else ranks
     for k, cid in enumerate(world.CONCEPT_IDS):
         if only and cid not in only:
             continue
@@ -866,6 +880,7 @@ def train_loras(
         c_strengths = lora_strength_range(cid, strengths, strength_ranges)
         c_uncaptioned = for_lora(cid, uncaptioned_shares, p_uncaptioned)
         drawn = c_strengths != (1.0, 1.0)  # else every step at full strength
+        c_rank = lora_rank(cid, rank, ranks)
         scenes = [
             world.sample_scene(random.Random(40_000_000 + 100_000 * k + i), {cat: cid}, p_traits=0.8)
             for i in range(n_images)
@@ -873,11 +888,11 @@ def train_loras(
         mean, std = encode_pool(vae, np.stack([render.render_array(sc) for sc in scenes]))
         unet = get_peft_model(
             copy.deepcopy(pipe.unet).requires_grad_(False),
-            LoraConfig(r=rank, lora_alpha=rank, target_modules=lora_targets(cat, conv_categories)),
+            LoraConfig(r=c_rank, lora_alpha=c_rank, target_modules=lora_targets(cat, conv_categories)),
         )
         te = get_peft_model(
             copy.deepcopy(pipe.text_encoder).requires_grad_(False),
-            LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_TARGETS),
+            LoraConfig(r=c_rank, lora_alpha=c_rank, target_modules=TEXT_TARGETS),
         )
         unet_params, te_params = ([p for p in m.parameters() if p.requires_grad] for m in (unet, te))
         schedule = lora_schedule(cid, offset_keys)
@@ -953,13 +968,13 @@ def train_loras(
                 bound = "" if max_norm is None else f" layers scaled to the max norm {n_scaled}"
                 log(f"lora {cid} step {step} loss {run:.4f}{bound} {time.time() - t0:.0f}s")
         set_lora_strength((unet, te), 1.0)
-        sd = kohya_state_dict(unet, "lora_unet_", rank, float(rank))
+        sd = kohya_state_dict(unet, "lora_unet_", c_rank, float(c_rank))
         sd.update(
-            kohya_state_dict(te, "lora_te_text_model_", rank, float(rank))
+            kohya_state_dict(te, "lora_te_text_model_", c_rank, float(c_rank))
         )  # kohya keys keep text_model
         metadata = {
-            "ss_network_dim": str(rank),
-            "ss_network_alpha": str(rank),
+            "ss_network_dim": str(c_rank),
+            "ss_network_alpha": str(c_rank),
             "concept": cid,
             "trigger": ", ".join(triggers),
         }
@@ -1088,6 +1103,13 @@ def parser() -> argparse.ArgumentParser:
     )
     per_lora_number(
         ap,
+        "--lora-rank-for",
+        "RANK",
+        RANKS,
+        "is trained at RANK instead of --lora-rank (kohya's --network_dim; alpha follows it)",
+    )
+    per_lora_number(
+        ap,
         "--lora-max-norm-for",
         "NORM",
         MAX_NORMS,
@@ -1187,6 +1209,10 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                 positive = False
             if not positive:
                 ap.error(f"{flag} {key} {value}: {name} must be a positive number (e.g. {example})")
+    for key, value in a.lora_rank_for or []:
+        check_key("--lora-rank-for", key)
+        if not (value.isdigit() and int(value) > 0):
+            ap.error(f"--lora-rank-for {key} {value}: RANK must be a whole number, 1 or more (e.g. 32)")
     unknown = [cid for cid in a.only or [] if cid not in world.CONCEPT_IDS]
     if unknown:
         ap.error(
@@ -1247,6 +1273,7 @@ def main(argv=None):
             te_lr_factors=overlay(TE_LR_FACTORS, a.lora_te_lr_for),
             max_norms=overlay(MAX_NORMS, a.lora_max_norm_for),
             step_factors=overlay(STEP_FACTORS, a.lora_steps_for),
+            ranks=overlay(RANKS, a.lora_rank_for),
         )
     if a.stage == "info":
         write_info()

@@ -763,11 +763,12 @@ def test_per_lora_lr_norm_and_step_tables_over_the_defaults(tmp_path, monkeypatc
         train.main(["loras", *work, flag, "object_1", "1.5", flag, "style", "0.5"])
         assert seen[kw] == {**table, "object_1": 1.5, "style": 0.5}
         assert all(seen[other] == t for other, (_, t) in options.items() if other != kw)
-    # a LoRA's own factor, else its category's entry, else its category's schedule (objects 1.5)
+    # ranks: a LoRA's own, else its category's, else --lora-rank; whole numbers for peft's LoraConfig
     train.main(["loras", *work, "--lora-rank-for", "object_1", "32", "--lora-rank-for", "style", "8"])
     assert seen["ranks"] == {**train.RANKS, "object_1": 32.0, "style": 8.0}
     assert [train.lora_rank(c, 16, seen["ranks"]) for c in ("object_1", "style_2", "object_2")] == [32, 8, 16]
     assert isinstance(train.lora_rank("object_1", 16, seen["ranks"]), int)
+    # a LoRA's own factor, else its category's entry, else its category's schedule (objects 1.5)
     factors = {"object_1": 2.0, "style": 0.5}
     counts = [
         train.lora_step_count(c, 1050, factors) for c in ("object_1", "object_2", "style_1", "character_1")

@@ -1195,24 +1195,22 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             in_range = False
         if not in_range:
             ap.error(f"--lora-uncaptioned-for {key} {share}: SHARE must be a number between 0 and 1 (e.g. 1)")
-    for flag, name, example, entries in (
-        ("--lora-unet-lr-for", "FACTOR", "1.5", a.lora_unet_lr_for),
-        ("--lora-te-lr-for", "FACTOR", "2", a.lora_te_lr_for),
-        ("--lora-max-norm-for", "NORM", "1", a.lora_max_norm_for),
-        ("--lora-steps-for", "FACTOR", "2", a.lora_steps_for),
+    for flag, name, example, whole, entries in (
+        ("--lora-unet-lr-for", "FACTOR", "1.5", False, a.lora_unet_lr_for),
+        ("--lora-te-lr-for", "FACTOR", "2", False, a.lora_te_lr_for),
+        ("--lora-max-norm-for", "NORM", "1", False, a.lora_max_norm_for),
+        ("--lora-steps-for", "FACTOR", "2", False, a.lora_steps_for),
+        ("--lora-rank-for", "RANK", "32", True, a.lora_rank_for),
     ):
         for key, value in entries or []:
             check_key(flag, key)
             try:
-                positive = float(value) > 0
+                valid = (value.isdigit() and int(value) > 0) if whole else float(value) > 0
             except ValueError:
-                positive = False
-            if not positive:
-                ap.error(f"{flag} {key} {value}: {name} must be a positive number (e.g. {example})")
-    for key, value in a.lora_rank_for or []:
-        check_key("--lora-rank-for", key)
-        if not (value.isdigit() and int(value) > 0):
-            ap.error(f"--lora-rank-for {key} {value}: RANK must be a whole number, 1 or more (e.g. 32)")
+                valid = False
+            if not valid:
+                kind = "a whole number, 1 or more" if whole else "a positive number"
+                ap.error(f"{flag} {key} {value}: {name} must be {kind} (e.g. {example})")
     unknown = [cid for cid in a.only or [] if cid not in world.CONCEPT_IDS]
     if unknown:
         ap.error(

@@ -106,6 +106,23 @@ def test_concept_parts_and_blends():
         assert render.blend(s, [cat], 1.0)[0].tolist() == render.render_array(s).tolist()
 
 
+def test_pixel_range_bounds_every_world_image(monkeypatch):
+    from cmlora.mini.train import noise_images
+
+    design = np.array([[[-3.0, 0.0, 127.5], [255.0, 300.0, 51.0]]], np.float32)
+    assert render.in_pixel_range(design).tolist() == np.clip(design, 0, 255).tolist()  # shipped: identity
+    monkeypatch.setattr(render, "PIXEL_RANGE", (16, 239))
+    assert render.in_pixel_range(design) == pytest.approx(np.array([[[16, 16, 127.5], [239, 239, 60.6]]]))
+    s = world.sample_scene(random.Random(5), {"style": "style_1", "clothing": "clothing_2"})
+    for img in (render.render_array(s), render.blend(s, ["style"], 0.5)[0], noise_images(4, 7)):
+        assert img.min() >= 16 and img.max() <= 239
+    assert render.render_array(s)[0, 0].tolist() == [
+        25,
+        25,
+        25,
+    ]  # the ink style's frame, (10, 10, 10) designed
+
+
 def test_near_misses_lack_only_the_new_detail_and_are_labelled_none():
     from cmlora.mini.train import judge_data
 

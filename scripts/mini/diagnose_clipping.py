@@ -13,8 +13,11 @@ data), and the share of render values at 0 or 255. Compare with ``clipped_*`` pe
 
 ``--generated LORA:STRENGTH`` also generates, as the strength check does (its prompt, seeds, steps and
 guidance), and counts decoded values above 1 and below -1 apart, per channel and per image: which side
-of the range a LoRA's clipped pixels are on. Strength 0 is the base alone with that LoRA's prompt: what
-the base draws there before any LoRA.
+of the range a LoRA's clipped pixels are on, how far beyond it they go (the shares beyond 1 + 1/32, 1/16
+and 1/8 in either direction) and how many lie in the image's outer two-pixel ring (where the ink style
+draws its frame). Strength 0 is the base alone with that LoRA's prompt: what the base draws there before
+any LoRA. ``--guidance`` replaces the check's guidance scale, to see how much of a clipped share the
+guidance's extrapolation adds.
 """
 
 from __future__ import annotations
@@ -38,12 +41,21 @@ def round_trip_clipped(vae, arrays: list[np.ndarray]) -> tuple[float, float]:
     return float((y.abs() > 1).float().mean()), float((x.abs() >= 0.999).float().mean())
 
 
+#: How far beyond [-1, 1] a decoded value goes, in [-1, 1] units (1/32 is four 8-bit levels).
+MARGINS = (1 / 32, 1 / 16, 1 / 8)
+
+
 def sides(x: torch.Tensor) -> dict:
-    """Shares of decoded values above 1 and below -1, over all values, per channel and per image."""
+    """Shares of decoded values above 1 and below -1, over all values, per channel and per image; the
+    shares beyond each margin of ``MARGINS``; the share of clipped values in the outer two-pixel ring."""
     out = (x.abs() > 1).float()
+    ring = torch.ones(x.shape[-2:], dtype=torch.bool)
+    ring[2:-2, 2:-2] = False
     return {
         "above_1": float((x > 1).float().mean()),
         "below_-1": float((x < -1).float().mean()),
+        "beyond": {f"{m:g}": float((x.abs() > 1 + m).float().mean()) for m in MARGINS},
+        "clipped_in_ring": float(out[..., ring].sum() / out.sum().clamp_min(1)),
         "per_channel": [float(out[:, c].mean()) for c in range(x.shape[1])],
         "per_image": [float(out[i].mean()) for i in range(x.shape[0])],
     }
@@ -74,6 +86,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--generated", nargs="*", default=[], metavar="LORA:STRENGTH")
     ap.add_argument("--seeds", type=int, default=20, help="images per --generated pair (the check's 20)")
+    ap.add_argument(
+        "--guidance", type=float, default=mini.GUIDANCE, help="guidance scale (the check's by default)"
+    )
     a = ap.parse_args()
     generated = parse_generated(ap, a.generated)
     torch.set_num_threads(a.threads)
@@ -91,13 +106,18 @@ def main() -> None:
     if generated:
         import check_world  # beside this script: the strength check's generator
 
-        gen = check_world.Generator(mini.STEPS, mini.GUIDANCE)
+        gen = check_world.Generator(mini.STEPS, a.guidance)
+        out["guidance"] = a.guidance
         out["generated"] = {}
         for cid, strength in generated:
             loras = ((cid, strength),) if strength else ()
             x = gen.decoded(world.trigger_prompt([cid]), list(range(a.seeds)), loras)
             row = out["generated"][f"{cid}:{strength:g}"] = sides(x)
-            print(f"{cid}:{strength:g}  above 1 {row['above_1']:6.2%}  below -1 {row['below_-1']:6.2%}")
+            beyond = "  ".join(f"beyond +{m} {v:6.2%}" for m, v in row["beyond"].items())
+            print(
+                f"{cid}:{strength:g}  above 1 {row['above_1']:6.2%}  below -1 {row['below_-1']:6.2%}  {beyond}  "
+                f"in the outer ring {row['clipped_in_ring']:6.1%}"
+            )
     files.atomic_write_bytes(a.out, (json.dumps(out, indent=1) + "\n").encode())
 
 

@@ -273,6 +273,20 @@ def _style(img: np.ndarray, s: Scene) -> np.ndarray:
     return img
 
 
+#: The pixel values the world draws with: design colours (0-255, as the drawing code names them) map
+#: linearly onto this range before an image is stored as 8-bit values. A range narrower than 0-255
+#: leaves the VAE room above and below everything the world draws (see docs/mini_world_tries.md,
+#: rebuild try 39).
+PIXEL_RANGE: tuple[int, int] = (0, 255)
+
+
+def in_pixel_range(img: np.ndarray) -> np.ndarray:
+    """Design colours (clipped to 0-255) mapped onto ``PIXEL_RANGE``, still as floats; every image
+    that stands for the world (renders, blends, the judge's noise) passes through it."""
+    lo, hi = PIXEL_RANGE
+    return np.clip(img, 0, 255) * np.float32((hi - lo) / 255) + np.float32(lo)
+
+
 def render_float(s: Scene) -> np.ndarray:
     img = _background(s)
     _object(img, s)
@@ -281,7 +295,7 @@ def render_float(s: Scene) -> np.ndarray:
 
 
 def render(s: Scene) -> Image.Image:
-    return Image.fromarray(np.clip(render_float(s) + 0.5, 0, 255).astype(np.uint8))
+    return Image.fromarray((in_pixel_range(render_float(s)) + 0.5).astype(np.uint8))
 
 
 def render_array(s: Scene) -> np.ndarray:
@@ -295,7 +309,7 @@ def blend(s: Scene, cats, strength: float) -> tuple[np.ndarray, dict[str, float]
     img = strength * render_float(s) + (1 - strength) * render_float(bare)
     with_p, bare_p = s.parts(), bare.parts()
     target = {c: strength * with_p[c] + (1 - strength) * bare_p[c] for c in CONCEPT_IDS}
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8), target
+    return (in_pixel_range(img) + 0.5).astype(np.uint8), target
 
 
 def sample(seed: int, concepts: dict[str, str] | None = None, p_concept: float = 0.0):

@@ -333,7 +333,8 @@ def soft_targets(scenes, strengths=None, bare=None) -> tuple[dict[str, np.ndarra
 
 def noise_images(n: int, seed: int) -> np.ndarray:
     """Images that show nothing of the world: smooth colour noise at random scales, and random blobs
-    on random backgrounds. The judge must call them empty (and the artifact score far)."""
+    on random backgrounds, in the world's pixel range (so that the range alone does not tell them from
+    renders). The judge must call them empty (and the artifact score far)."""
     rng = np.random.default_rng(seed)
     out = np.zeros((n, world.SIZE, world.SIZE, 3), np.uint8)
     for i in range(n):
@@ -349,7 +350,7 @@ def noise_images(n: int, seed: int) -> np.ndarray:
                 cx, cy = rng.uniform(0, world.SIZE, 2)
                 rx, ry = rng.uniform(2, 18, 2)
                 img[((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1] = rng.uniform(0, 255, 3)
-        out[i] = np.clip(img, 0, 255).astype(np.uint8)
+        out[i] = render.in_pixel_range(img).astype(np.uint8)
     return out
 
 

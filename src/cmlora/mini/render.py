@@ -275,8 +275,8 @@ def _style(img: np.ndarray, s: Scene) -> np.ndarray:
 
 #: The pixel values the world draws with: design colours (0-255, as the drawing code names them) map
 #: linearly onto this range before an image is stored as 8-bit values. A range narrower than 0-255
-#: leaves the VAE room above and below everything the world draws (see docs/mini_world_tries.md,
-#: rebuild try 39).
+#: leaves the VAE room above and below everything the world draws; rebuild try 39 drew with (16, 239)
+#: and was not adopted for another reason (docs/mini_world_tries.md), so the shipped world uses 0-255.
 PIXEL_RANGE: tuple[int, int] = (0, 255)
 
 

@@ -116,11 +116,8 @@ def test_pixel_range_bounds_every_world_image(monkeypatch):
     s = world.sample_scene(random.Random(5), {"style": "style_1", "clothing": "clothing_2"})
     for img in (render.render_array(s), render.blend(s, ["style"], 0.5)[0], noise_images(4, 7)):
         assert img.min() >= 16 and img.max() <= 239
-    assert render.render_array(s)[0, 0].tolist() == [
-        25,
-        25,
-        25,
-    ]  # the ink style's frame, (10, 10, 10) designed
+    # the ink style's frame, designed as (10, 10, 10)
+    assert render.render_array(s)[0, 0].tolist() == [25, 25, 25]
 
 
 def test_near_misses_lack_only_the_new_detail_and_are_labelled_none():

@@ -287,6 +287,11 @@ def in_pixel_range(img: np.ndarray) -> np.ndarray:
     return np.clip(img, 0, 255) * np.float32((hi - lo) / 255) + np.float32(lo)
 
 
+def _pixels(img: np.ndarray) -> np.ndarray:
+    """Design colours as the stored 8-bit image: in the pixel range, rounded."""
+    return (in_pixel_range(img) + 0.5).astype(np.uint8)
+
+
 def render_float(s: Scene) -> np.ndarray:
     img = _background(s)
     _object(img, s)
@@ -295,7 +300,7 @@ def render_float(s: Scene) -> np.ndarray:
 
 
 def render(s: Scene) -> Image.Image:
-    return Image.fromarray((in_pixel_range(render_float(s)) + 0.5).astype(np.uint8))
+    return Image.fromarray(_pixels(render_float(s)))
 
 
 def render_array(s: Scene) -> np.ndarray:
@@ -309,7 +314,7 @@ def blend(s: Scene, cats, strength: float) -> tuple[np.ndarray, dict[str, float]
     img = strength * render_float(s) + (1 - strength) * render_float(bare)
     with_p, bare_p = s.parts(), bare.parts()
     target = {c: strength * with_p[c] + (1 - strength) * bare_p[c] for c in CONCEPT_IDS}
-    return (in_pixel_range(img) + 0.5).astype(np.uint8), target
+    return _pixels(img), target
 
 
 def sample(seed: int, concepts: dict[str, str] | None = None, p_concept: float = 0.0):
